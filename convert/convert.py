@@ -1,0 +1,78 @@
+"""Teacher -> student: swap attention layers for mixers (weights from the teacher), save a loadable folder."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+import kernels.torch_ops
+from .student.arch_registry import get_architecture
+from .student.configuration_rnnify import RnnifyConfig, attention_layer_types
+from .student.mixer_registry import get_mixer
+from .student.modeling_rnnify import RnnifyForCausalLM
+
+STUDENT_RUNTIME = Path(__file__).parent / "student"
+AUTO_MAP = {"AutoConfig": "configuration_rnnify.RnnifyConfig",
+            "AutoModelForCausalLM": "modeling_rnnify.RnnifyForCausalLM"}
+
+
+def student_config(teacher_config, mixer: dict, mixer_layers: list[int]) -> RnnifyConfig:
+    """The student's config: teacher fields, mixer choice, per-layer cache types for transformers."""
+    get_architecture(teacher_config.model_type)            # fail early on an unsupported teacher
+    mixer_cls = get_mixer(mixer["type"])
+    layer_types = attention_layer_types(teacher_config)
+    for i in mixer_layers:
+        layer_types[i] = mixer_cls.cache_layer_type(mixer)
+    return RnnifyConfig.from_teacher(teacher_config, mixer, mixer_layers, layer_types, mixer.get("window"))
+
+
+def _student_param_name(name: str, mixer_layers) -> str:
+    """model.layers.{i}.self_attn.X -> model.layers.{i}.self_attn.attn.X for converted layers (the mixer
+    holds the teacher's attention module as ``attn``)."""
+    parts = name.split(".")
+    if len(parts) > 4 and parts[:2] == ["model", "layers"] and parts[3] == "self_attn" and int(parts[2]) in mixer_layers:
+        return ".".join(parts[:4] + ["attn"] + parts[4:])
+    return name
+
+
+def convert(teacher: torch.nn.Module, mixer: dict, mixer_layers: list[int]) -> RnnifyForCausalLM:
+    """Build the student of ``teacher`` (a transformers causal LM): every weight the teacher has is copied,
+    attention projections included (each mixer reuses its layer's q/k/v/o); only new mixer parameters
+    keep their initialisation.  The student has the teacher's dtype and device."""
+    config = student_config(teacher.config, mixer, mixer_layers)
+    config._attn_implementation = teacher.config._attn_implementation
+    param = next(teacher.parameters())
+    student = RnnifyForCausalLM(config).to(dtype=param.dtype, device=param.device)
+    state = {_student_param_name(name, mixer_layers): t for name, t in teacher.state_dict().items()}
+    result = student.load_state_dict(state, strict=False)
+    # only the mixers' own new parameters may be absent from the teacher (and a tied lm_head)
+    unmapped = [k for k in result.missing_keys if k != "lm_head.weight" and (".attn." in k or ".self_attn." not in k)]
+    if result.unexpected_keys or unmapped:
+        raise RuntimeError(f"teacher weights did not map onto the student: unexpected {result.unexpected_keys[:5]}, "
+                           f"missing {unmapped[:5]}")
+    if config.tie_word_embeddings:
+        student.tie_weights()
+    return student.eval()
+
+
+def save_student(student: RnnifyForCausalLM, out_dir: str | Path, tokenizer=None, generation_config=None) -> Path:
+    """Write a self-contained folder: safetensors, config.json with auto_map, the runtime modeling files
+    (which need only torch + transformers), tokenizer and generation config."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.config.auto_map = dict(AUTO_MAP)
+    student.config.architectures = ["RnnifyForCausalLM"]
+    if generation_config is not None:
+        student.generation_config = generation_config
+    student.save_pretrained(tmp)
+    for src in STUDENT_RUNTIME.glob("*.py"):
+        if src.name != "__init__.py":
+            shutil.copy2(src, tmp / src.name)
+    shutil.copy2(kernels.torch_ops.__file__, tmp / "rnnify_ops.py")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,106 @@
+"""Hedgehog linear attention (LoLCATs), optionally mixed with sliding-window softmax attention.
+
+    φ(x) = [softmax(x W), softmax(-x W)]  (per head, W [D, F] learnable, initialised to I)
+    linear:  o_t = Σ_{j≤t} φ(q_t)·φ(k_j) v_j / Σ_{j≤t} φ(q_t)·φ(k_j)
+    window N: softmax weights e_tj = exp(q_t·k_j/√D - m_t) on the last N keys (t-N < j ≤ t) and
+              φ weights on the older ones (j ≤ t-N), mixed by a learnable per-head factor f = σ(w):
+    o_t = (f Σ_win e_tj v_j + (1-f) Σ_old φ(q_t)·φ(k_j) v_j) / (f Σ_win e_tj + (1-f) Σ_old φ(q_t)·φ(k_j))
+The linear sums are a decay_scalar recurrence with zero log decay over values [v, 1] (numerator
+and denominator in one state); with a window, keys enter that state only once they leave the window.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mixer_registry import Mixer, register_mixer, run_chunk, run_step
+
+
+@register_mixer
+class Hedgehog(Mixer):
+    name = "hedgehog"
+    options = {"rope": True, "feature_dim": None, "window": None, "eps": 1e-6}
+
+    @classmethod
+    def cache_layer_type(cls, options):
+        return "hybrid_sliding" if options.get("window") else "linear_attention"
+
+    def __init__(self, attn, arch, config, options, layer_idx):
+        super().__init__(attn, arch, config, options, layer_idx)
+        H, D = self.num_heads, self.head_dim
+        F = self.opts["feature_dim"] or D
+        self.feature_q = nn.Parameter(torch.eye(D, F).repeat(H, 1, 1))   # [H, D, F]
+        self.feature_k = nn.Parameter(torch.eye(D, F).repeat(H, 1, 1))
+        self.window = self.opts["window"]
+        if self.window:
+            self.window_factor = nn.Parameter(torch.zeros(H))
+
+    @staticmethod
+    def feature_map(x, weight):
+        """x [B,T,H,D], weight [H,D,F] -> [B,T,H,2F]: softmax over features of ±xW, computed in fp32."""
+        xw = torch.einsum("bthd,hdf->bthf", x.float(), weight.float())
+        return torch.cat([xw.softmax(-1), (-xw).softmax(-1)], dim=-1)
+
+    def mix(self, x, position_embeddings, valid, cache):
+        q, k, v = self.project(x, position_embeddings)
+        ones = torch.ones_like(v[..., :1])
+        v1 = torch.cat([v, ones], dim=-1)                                  # [B,T,Hkv,Dv+1]
+        if valid is not None:                                             # padded tokens add nothing
+            v1 = v1 * valid[:, :, None, None].to(v1.dtype)
+        phi_q = self.feature_map(q, self.feature_q)
+        if not self.window:
+            phi_k = self.feature_map(self.expand(k), self.feature_k)
+            o = self.recurrence("decay_scalar", phi_q, phi_k, self.expand(v1).float(),
+                                torch.zeros(phi_q.shape[:3], device=q.device), None, cache, scale=1.0)
+            return o[..., :-1] / (o[..., -1:] + self.opts["eps"])
+        return self._mix_windowed(q, k, v1, phi_q, cache)
+
+    def _mix_windowed(self, q, k, v1, phi_q, cache):
+        B, T, H, D = q.shape
+        W = self.window
+        if cache is not None:   # sliding cache keeps the last W-1 keys; returns them + the new ones
+            k_ext, v_ext = cache.update(k.transpose(1, 2), v1.transpose(1, 2), self.layer_idx)
+            k_ext, v_ext = k_ext.transpose(1, 2), v_ext.transpose(1, 2)
+        else:
+            k_ext, v_ext = k, v1
+        N = k_ext.shape[1]
+        P = N - T                                                          # cached keys before the new ones
+        k_ext, v_ext = self.expand(k_ext), self.expand(v_ext).float()
+        # softmax over the window t-W < j <= t (extended positions), real keys only
+        scores = torch.einsum("bthd,bnhd->bhtn", q.float(), k_ext.float()) * self.attn.scaling
+        t_pos = torch.arange(P, N, device=q.device)[:, None]
+        j_pos = torch.arange(N, device=q.device)[None, :]
+        in_window = (j_pos <= t_pos) & (j_pos > t_pos - W)
+        key_real = v_ext[..., -1].transpose(1, 2)[:, :, None, :] > 0       # [B,H,1,N]
+        scores = scores.masked_fill(~(in_window & key_real), float("-inf"))
+        m = scores.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = (scores - m).exp()
+        sw = torch.einsum("bhtn,bnhv->bthv", e, v_ext)                     # [B,T,H,Dv+1]: num | den
+        # linear part: keys enter the state once they leave the window (extended position <= t - W)
+        state = self.read_state(cache)
+        phi_k = self.feature_map(k_ext, self.feature_k)
+        if cache is not None and state is not None and T == 1:
+            # the query still sees key N - W in its window; that key enters the state for later steps
+            lin = torch.einsum("bthf,bhfv->bthv", phi_q, state)
+            leaving = N - W
+            if leaving >= 0:
+                kk, vv = phi_k[:, leaving:leaving + 1], v_ext[:, leaving:leaving + 1]
+            else:
+                kk, vv = torch.zeros_like(phi_k[:, :1]), torch.zeros_like(v_ext[:, :1])
+            _, new_state = run_step("decay_scalar", phi_q, kk, vv, torch.zeros(B, 1, H, device=q.device),
+                                    initial_state=state, scale=1.0)
+        else:
+            # position s of the shifted sequences holds query s and key s - W; one extra step at the end
+            # pushes key N - W into the state, which then covers exactly the keys no longer cached.
+            zq = torch.zeros_like(phi_q[:, :1]).expand(B, 1, H, phi_q.shape[-1])
+            q_sh = torch.cat([torch.zeros_like(phi_k[:, :P]), phi_q, zq], dim=1)
+            k_sh = torch.cat([torch.zeros_like(phi_k[:, :W]), phi_k], dim=1)[:, :N + 1]
+            v_sh = torch.cat([torch.zeros_like(v_ext[:, :W]), v_ext], dim=1)[:, :N + 1]
+            lin, new_state = run_chunk("decay_scalar", q_sh, k_sh, v_sh, torch.zeros(B, N + 1, H, device=q.device),
+                                       initial_state=state, output_final_state=cache is not None, scale=1.0)
+            lin = lin[:, P:N]
+        self.write_state(cache, new_state)
+        f = torch.sigmoid(self.window_factor.float())[:, None]             # [H,1]
+        mixed = f * sw + (1 - f) * lin
+        return mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])

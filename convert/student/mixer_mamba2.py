@@ -1,0 +1,54 @@
+"""Mamba2 / SSD mixer initialised from attention (Mamba-in-the-Llama): C←q, B←k, x←v, out←o.
+
+    dt_t = softplus(w_dt·x_t + b_dt),  a_t = exp(-exp(A_log) dt_t)         (one scalar per head)
+    S_t = a_t S_{t-1} + B_t (dt_t x_t)ᵀ,   y_t = S_tᵀ C_t / √D + D_skip ⊙ x_t,   out = W_o RMSNorm(y)
+New parameters: dt projection (zero weight; bias so dt spans [dt_min, dt_max] log-uniformly across
+heads, Mamba2's init), A_log (log of 1..16), D_skip (ones), the per-head output norm gain.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .mixer_registry import HeadRMSNorm, Mixer, register_mixer
+
+
+@register_mixer
+class Mamba2(Mixer):
+    name = "mamba2"
+    options = {"rope": False, "dt_min": 0.001, "dt_max": 0.1, "a_init_range": [1.0, 16.0]}
+
+    def __init__(self, attn, arch, config, options, layer_idx):
+        super().__init__(attn, arch, config, options, layer_idx)
+        H, D = self.num_heads, self.head_dim
+        self.dt_proj = nn.Linear(config.hidden_size, H, bias=True)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D_skip = nn.Parameter(torch.ones(H))
+        self.norm = HeadRMSNorm(H, D, eps=getattr(config, "rms_norm_eps", 1e-6))
+        self.reset_rnnify_parameters()
+
+    def reset_rnnify_parameters(self):
+        H = self.num_heads
+        lo, hi = self.opts["a_init_range"]
+        with torch.no_grad():
+            self.dt_proj.weight.zero_()
+            dt = torch.exp(torch.linspace(math.log(self.opts["dt_min"]), math.log(self.opts["dt_max"]), H))
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))       # softplus⁻¹(dt)
+            self.A_log.copy_(torch.log(torch.linspace(lo, hi, H)))
+            self.D_skip.fill_(1.0)
+            self.norm.weight.fill_(1.0)
+
+    def mix(self, x, position_embeddings, valid, cache):
+        q, k, v = self.project(x, position_embeddings)
+        dt = F.softplus(self.dt_proj(x).float())                           # [B,T,H]
+        if valid is not None:
+            dt = dt * valid[..., None]                                       # padded steps: no decay, no input
+        log_decay = -torch.exp(self.A_log.float()) * dt
+        xv = self.expand(v).float()
+        y = self.recurrence("decay_scalar", q, self.expand(k), xv * dt[..., None], log_decay, None, cache,
+                            scale=self.head_dim ** -0.5)
+        y = y.float() + self.D_skip.float()[:, None] * xv
+        return self.norm(y)

@@ -1,0 +1,127 @@
+"""rnnify student: the teacher's architecture with some attention layers replaced by recurrent mixers.
+
+The teacher's own decoder (embeddings, blocks, norms, rotary embedding, lm_head) is built from
+transformers' registry; the student only swaps ``layers[i].self_attn`` for a mixer that keeps the
+teacher's projections, and drives the blocks with a decoder loop that hands each layer the mask
+its type needs.  The cache is transformers' ``DynamicCache(config=...)``: ``linear_attention``
+layers keep one [H, Dk, Dv] state whatever the length, ``hybrid_sliding`` layers add a window of
+keys, kept softmax layers keep their usual KV cache.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# one import line per file: transformers copies an exported student's files by `from .x import` lines
+from .arch_llama import Llama  # noqa: F401  (registers the architecture)
+from .arch_mistral import Mistral  # noqa: F401
+from .arch_phi3 import Phi3  # noqa: F401
+from .arch_qwen2 import Qwen2  # noqa: F401
+from .arch_qwen3 import Qwen3  # noqa: F401
+from .mixer_gated_deltanet import GatedDeltaNet  # noqa: F401  (registers the mixer)
+from .mixer_gla import GLA  # noqa: F401
+from .mixer_hedgehog import Hedgehog  # noqa: F401
+from .mixer_mamba2 import Mamba2  # noqa: F401
+from .arch_registry import get_architecture
+from .configuration_rnnify import RnnifyConfig
+from .mixer_registry import Mixer, get_mixer
+
+_ATTENTION_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+class RnnifyPreTrainedModel(PreTrainedModel):
+    config_class = RnnifyConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if hasattr(module, "reset_rnnify_parameters"):
+            module.reset_rnnify_parameters()
+        elif not isinstance(module, Mixer):
+            super()._init_weights(module)
+
+
+class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
+    """Causal LM whose layers ``config.mixer_layers`` mix tokens with ``config.mixer`` instead of attention."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RnnifyConfig):
+        super().__init__(config)
+        teacher_config = config.to_teacher_config()
+        teacher_config._attn_implementation = config._attn_implementation
+        teacher = AutoModelForCausalLM.from_config(teacher_config)
+        self.model = teacher.model
+        self.lm_head = teacher.lm_head
+        self.vocab_size = config.vocab_size
+        arch = get_architecture(config.teacher_model_type)
+        mixer_cls = get_mixer(config.mixer["type"])
+        for i in config.mixer_layers:
+            block = self.model.layers[i]
+            block.self_attn = mixer_cls(block.self_attn, arch, teacher_config, config.mixer, i)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def _position_ids(self, attention_mask, cache, T, device):
+        """Positions count real tokens only (left padding starts at 0), continuing after the cache."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        past = getattr(cache, "rnnify_seen_tokens", 0) if cache is not None else 0
+        return torch.arange(past, past + T, device=device)[None]
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        legacy_cache = kwargs.pop("past_key_values", None)   # the pre-5.x name of `cache`
+        cache = legacy_cache if cache is None else cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        base = self.model
+        if inputs_embeds is None:
+            inputs_embeds = base.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        B, T = inputs_embeds.shape[:2]
+        if position_ids is None:
+            position_ids = self._position_ids(attention_mask, cache, T, inputs_embeds.device)
+
+        masks = {}
+        for kind in set(self.config.layer_types):
+            if kind in _ATTENTION_MASKS:
+                masks[kind] = _ATTENTION_MASKS[kind](
+                    config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    cache=cache, position_ids=position_ids)
+            else:   # mixers take the 2D padding mask (full length, so windowed layers can use it too)
+                masks[kind] = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+
+        hidden = inputs_embeds
+        position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
+        for i, block in enumerate(base.layers):
+            hidden = block(hidden, attention_mask=masks[self.config.layer_types[i]], position_ids=position_ids,
+                           cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        hidden = base.norm(hidden)
+        if cache is not None:
+            cache.rnnify_seen_tokens = getattr(cache, "rnnify_seen_tokens", 0) + T
+
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+__all__ = ["RnnifyForCausalLM", "RnnifyPreTrainedModel"]

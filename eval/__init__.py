@@ -1,0 +1,1 @@
+"""Evaluation of teacher and student: perplexity now; lm-eval tasks and speed/memory to come."""

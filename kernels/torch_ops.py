@@ -1,0 +1,210 @@
+"""Chunked PyTorch forms and single-token steps of the three recurrences (the CPU path and fallback).
+
+This file imports nothing but torch: it is copied verbatim into every exported student
+(as ``rnnify_ops.py``) so that a converted model runs where rnnify is not installed.
+
+The three recurrences, with state S_t of shape [Dk, Dv] per (batch, head) and a_t = exp(log_decay_t):
+    decay_scalar:  S_t = a_t S_{t-1} + k_t v_tᵀ                       (a_t a scalar per head)
+    decay_vector:  S_t = diag(a_t) S_{t-1} + k_t v_tᵀ                 (a_t a vector over Dk)
+    delta:         S_t = a_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ
+and the output o_t = scale · S_tᵀ q_t.
+
+Chunked algorithm: inside a chunk of C tokens the output is a masked, decay-weighted quadratic
+attention computed with matmuls; across chunks one [Dk, Dv] state is carried.  Decays are handled
+as differences of cumulative log decays (never as ratios of products), so strong decay cannot
+overflow; all accumulation is in fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+DEFAULT_CHUNK = {"decay_scalar": 64, "decay_vector": 16, "delta": 64}
+
+
+# ----------------------------------------------------------------------------------------------
+# shared input handling
+# ----------------------------------------------------------------------------------------------
+def check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, beta: Tensor | None,
+                 initial_state: Tensor | None, cu_seqlens: Tensor | None) -> None:
+    """Raise a ValueError naming the argument when shapes do not follow the op's contract."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{op}: q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, Dk = q.shape
+    if k.shape[:2] != (B, T) or v.shape[:2] != (B, T) or k.shape[3] != Dk:
+        raise ValueError(f"{op}: k must be [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] matching q {tuple(q.shape)}; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != v.shape[2] or H % k.shape[2] != 0:
+        raise ValueError(f"{op}: k and v need the same number of heads, dividing q's {H}; got {k.shape[2]}, {v.shape[2]}")
+    want = (B, T, H, Dk) if op == "decay_vector" else (B, T, H)
+    if tuple(log_decay.shape) != want:
+        raise ValueError(f"{op}: log_decay must have shape {want}; got {tuple(log_decay.shape)}")
+    if op == "delta" and (beta is None or tuple(beta.shape) != (B, T, H)):
+        raise ValueError(f"{op}: beta must have shape {(B, T, H)}; got {None if beta is None else tuple(beta.shape)}")
+    n_seq = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"{op}: cu_seqlens needs B == 1 (sequences packed along T); got B={B}")
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
+            raise ValueError(f"{op}: cu_seqlens must be 1-D, start at 0 and end at T={T}")
+        n_seq = cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (n_seq, H, Dk, v.shape[3]):
+        raise ValueError(f"{op}: initial_state must be {(n_seq, H, Dk, v.shape[3])}; got {tuple(initial_state.shape)}")
+
+
+def expand_kv_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, T, Hkv, D] -> [B, T, H, D]: each kv head serves H/Hkv consecutive query heads (GQA)."""
+    if x.shape[2] == heads:
+        return x
+    return x.repeat_interleave(heads // x.shape[2], dim=2)
+
+
+def run_varlen(fn, q, k, v, log_decay, beta, initial_state, output_final_state, cu_seqlens):
+    """Run ``fn`` once per packed sequence of ``cu_seqlens`` (or once if None); join outputs and states."""
+    if cu_seqlens is None:
+        return fn(q, k, v, log_decay, beta, initial_state, output_final_state)
+    outs, states = [], []
+    bounds = cu_seqlens.tolist()
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init = None if initial_state is None else initial_state[i:i + 1]
+        o, st = fn(q[:, s:e], k[:, s:e], v[:, s:e], log_decay[:, s:e],
+                   None if beta is None else beta[:, s:e], init, output_final_state)
+        outs.append(o)
+        states.append(st)
+    return torch.cat(outs, dim=1), (torch.cat(states, dim=0) if output_final_state else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunk scans on [B, H, N, C, D] fp32 tensors; S0 [B, H, Dk, Dv]
+# ----------------------------------------------------------------------------------------------
+def _masked_decay(b: Tensor, strict: bool) -> Tensor:
+    """exp(b_i - b_j) for j <= i (j < i if strict), 0 elsewhere; b [..., C] cumulative log decay."""
+    C = b.shape[-1]
+    mask = torch.ones(C, C, dtype=torch.bool, device=b.device).tril(-1 if strict else 0)
+    diff = b[..., :, None] - b[..., None, :]
+    return torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
+
+
+def _scan_scalar(q, k, v, g, beta, S):
+    b = g.cumsum(-1)                                              # [B,H,N,C]
+    o_intra = ((q @ k.transpose(-1, -2)) * _masked_decay(b, strict=False)) @ v
+    b_last = b[..., -1]                                           # [B,H,N]
+    q_dec = q * b.exp()[..., None]
+    chunk_kv = (k * (b_last[..., None] - b).exp()[..., None]).transpose(-1, -2) @ v   # [B,H,N,Dk,Dv]
+    o_inter = []
+    for n in range(q.shape[2]):
+        o_inter.append(q_dec[:, :, n] @ S)
+        S = S * b_last[:, :, n, None, None].exp() + chunk_kv[:, :, n]
+    return o_intra + torch.stack(o_inter, dim=2), S
+
+
+def _scan_vector(q, k, v, g, beta, S):
+    b = g.cumsum(-2)                                              # [B,H,N,C,Dk]
+    C = b.shape[-2]
+    mask = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()[..., None]
+    diff = b[..., :, None, :] - b[..., None, :, :]                # [B,H,N,C,C,Dk]
+    decay = torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
+    scores = torch.einsum("bhnid,bhnjd,bhnijd->bhnij", q, k, decay)
+    o_intra = scores @ v
+    b_last = b[..., -1, :]                                        # [B,H,N,Dk]
+    q_dec = q * b.exp()
+    chunk_kv = (k * (b_last[..., None, :] - b).exp()).transpose(-1, -2) @ v
+    o_inter = []
+    for n in range(q.shape[2]):
+        o_inter.append(q_dec[:, :, n] @ S)
+        S = S * b_last[:, :, n, :, None].exp() + chunk_kv[:, :, n]
+    return o_intra + torch.stack(o_inter, dim=2), S
+
+
+def _scan_delta(q, k, v, g, beta, S):
+    # WY form: inside a chunk the per-token updates w_t = β_t (v_t - a_t S_{t-1}ᵀ k_t) solve
+    # (I + L) W = diag(β) V - diag(β Γ) K S0 with L[t, i] = β_t (Γ_t/Γ_i) k_t·k_i (i < t).
+    b = g.cumsum(-1)
+    C = b.shape[-1]
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    L = (k @ k.transpose(-1, -2)) * _masked_decay(b, strict=True) * beta[..., :, None]
+    T_inv = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
+    U = T_inv @ (beta[..., None] * v)
+    Wk = T_inv @ ((beta * b.exp())[..., None] * k)
+    A_qk = (q @ k.transpose(-1, -2)) * _masked_decay(b, strict=False)
+    b_last = b[..., -1]
+    q_dec = q * b.exp()[..., None]
+    k_dec = (k * (b_last[..., None] - b).exp()[..., None]).transpose(-1, -2)   # [B,H,N,Dk,C]
+    outs = []
+    for n in range(q.shape[2]):
+        W = U[:, :, n] - Wk[:, :, n] @ S
+        outs.append(q_dec[:, :, n] @ S + A_qk[:, :, n] @ W)
+        S = S * b_last[:, :, n, None, None].exp() + k_dec[:, :, n] @ W
+    return torch.stack(outs, dim=2), S
+
+
+_SCANS = {"decay_scalar": _scan_scalar, "decay_vector": _scan_vector, "delta": _scan_delta}
+
+
+def _chunk_one(op: str, chunk_size: int, scale: float):
+    scan = _SCANS[op]
+
+    def run(q, k, v, log_decay, beta, initial_state, output_final_state):
+        B, T, H, Dk = q.shape
+        Dv = v.shape[-1]
+        C = chunk_size
+        pad = (-T) % C
+        N = (T + pad) // C
+
+        def to_chunks(x: Tensor) -> Tensor:
+            # [B,T,H,*] -> [B,H,N,C,*] in fp32; padded steps have zero k/v/β and zero log decay,
+            # which makes them exact no-ops of the recurrence.
+            x = x.float()
+            if pad:
+                x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+            x = x.movedim(1, 2)
+            return x.reshape(B, H, N, C, *x.shape[3:])
+
+        qc, kc, vc = to_chunks(q * scale), to_chunks(k), to_chunks(v)
+        gc = to_chunks(log_decay)
+        bc = None if beta is None else to_chunks(beta)
+        S0 = (torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if initial_state is None
+              else initial_state.float())
+        o, S = scan(qc, kc, vc, gc, bc, S0)
+        o = o.reshape(B, H, N * C, Dv)[:, :, :T].transpose(1, 2).to(q.dtype)
+        return o, (S if output_final_state else None)
+
+    return run
+
+
+def chunk(op: str, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, beta: Tensor | None = None, *,
+          initial_state: Tensor | None = None, output_final_state: bool = False,
+          cu_seqlens: Tensor | None = None, scale: float | None = None,
+          chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Chunked parallel form of ``op``; q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv] -> o [B,T,H,Dv], S [B,H,Dk,Dv]."""
+    check_inputs(op, q, k, v, log_decay, beta, initial_state, cu_seqlens)
+    H = q.shape[2]
+    k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    fn = _chunk_one(op, chunk_size or DEFAULT_CHUNK[op], scale)
+    return run_varlen(fn, q, k, v, log_decay, beta, initial_state, output_final_state, cu_seqlens)
+
+
+def recurrent_step(op: str, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, beta: Tensor | None = None, *,
+                   initial_state: Tensor | None = None, output_final_state: bool = True,
+                   scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """One decoding step (T == 1): S_1 from S_0 = initial_state, o = scale · S_1ᵀ q; state kept in fp32."""
+    check_inputs(op, q, k, v, log_decay, beta, initial_state, None)
+    B, T, H, Dk = q.shape
+    if T != 1:
+        raise ValueError(f"{op}.recurrent_step takes one token (T == 1); got T={T}")
+    Dv = v.shape[-1]
+    scale = Dk ** -0.5 if scale is None else scale
+    kt = expand_kv_heads(k, H)[:, 0].float()                     # [B,H,Dk]
+    vt = expand_kv_heads(v, H)[:, 0].float()                     # [B,H,Dv]
+    S = (torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if initial_state is None
+         else initial_state.float())
+    a = log_decay[:, 0].float().exp()
+    S = S * (a[..., :, None] if op == "decay_vector" else a[..., None, None])
+    if op == "delta":
+        bt = beta[:, 0].float()[..., None]
+        vt = bt * (vt - (kt[..., None] * S).sum(-2))
+    S = S + kt[..., :, None] * vt[..., None, :]
+    o = (q[:, 0].float()[..., :, None] * S).sum(-2) * scale
+    return o[:, None].to(q.dtype), (S if output_final_state else None)
