@@ -1,0 +1,303 @@
+"""Recipes: YAML validated by pydantic before any model is loaded, then checked against the teacher's config.
+
+Every error is one line naming the file and the dotted field (``RecipeError``); the CLI prints it
+and exits with status 2.  ``dotted.key=value`` overrides are applied to the YAML before validation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RecipeError(Exception):
+    """A recipe problem, already phrased as one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------
+# mixers: one model per mixer type; options that do not apply to a type are unknown keys there
+# ---------------------------------------------------------------------------------------------
+class HedgehogOptions(_Strict):
+    type: Literal["hedgehog"]
+    rope: bool = True
+    feature_dim: Annotated[int, Field(gt=0)] | None = Field(None, description="feature map width F (default head_dim)")
+    window: Annotated[int, Field(gt=0)] | None = Field(None, description="sliding-window softmax size (LoLCATs hybrid)")
+    eps: Annotated[float, Field(gt=0)] = 1e-6
+
+
+class Mamba2Options(_Strict):
+    type: Literal["mamba2"]
+    rope: bool = False
+    dt_min: Annotated[float, Field(gt=0)] = 0.001
+    dt_max: Annotated[float, Field(gt=0)] = 0.1
+    a_init_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1.0, 16.0)
+
+
+class GLAOptions(_Strict):
+    type: Literal["gla"]
+    rope: bool = True
+    gate_rank: Annotated[int, Field(gt=0)] = 16
+    gate_normalizer: Annotated[float, Field(gt=0)] = 16.0
+    initial_memory: Annotated[float, Field(gt=1)] = 256.0
+
+
+class GatedDeltaNetOptions(_Strict):
+    type: Literal["gated_deltanet"]
+    rope: bool = True
+    dt_min: Annotated[float, Field(gt=0)] = 0.001
+    dt_max: Annotated[float, Field(gt=0)] = 0.1
+
+
+MixerOptions = Annotated[Union[HedgehogOptions, Mamba2Options, GLAOptions, GatedDeltaNetOptions],
+                         Field(discriminator="type")]
+MIXER_OPTION_MODELS = {m.model_fields["type"].annotation.__args__[0]: m
+                       for m in (HedgehogOptions, Mamba2Options, GLAOptions, GatedDeltaNetOptions)}
+
+
+# ---------------------------------------------------------------------------------------------
+# layer selection: "all" | "none" | [0, 3, "8-11"] | {every: N, offset: K}
+# ---------------------------------------------------------------------------------------------
+class EveryNth(_Strict):
+    every: Annotated[int, Field(gt=0)]
+    offset: Annotated[int, Field(ge=0)] = 0
+
+
+LayerSpec = Union[Literal["all", "none"], list[Union[Annotated[int, Field(ge=0)], str]], EveryNth]
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def expand_layers(spec: LayerSpec, num_layers: int | None = None) -> list[int] | None:
+    """Layer indices named by ``spec`` (sorted, unique); None for "all" when the count is unknown."""
+    if spec == "all":
+        return None if num_layers is None else list(range(num_layers))
+    if spec == "none":
+        return []
+    if isinstance(spec, EveryNth):
+        return None if num_layers is None else list(range(spec.offset, num_layers, spec.every))
+    out = set()
+    for item in spec:
+        if isinstance(item, int):
+            out.add(item)
+            continue
+        m = _RANGE.match(item)
+        if not m or int(m.group(1)) > int(m.group(2)):
+            raise ValueError(f"{item!r} is not a layer range like '4-7'")
+        out.update(range(int(m.group(1)), int(m.group(2)) + 1))
+    return sorted(out)
+
+
+class ConvertSection(_Strict):
+    mixer: MixerOptions = Field(default_factory=lambda: HedgehogOptions(type="hedgehog"))
+    layers: LayerSpec | None = Field(None, description="layers that become mixers (default: all)")
+    keep_attention: LayerSpec | None = Field(None, description="layers that keep softmax attention (the rest convert)")
+
+    @field_validator("layers", "keep_attention")
+    @classmethod
+    def _ranges_parse(cls, v):
+        if isinstance(v, list):
+            expand_layers(v)
+        return v
+
+    def mixer_layers(self, num_layers: int) -> list[int]:
+        if self.layers is not None and self.keep_attention is not None:
+            raise ValueError("give either convert.layers or convert.keep_attention, not both")
+        if self.keep_attention is not None:
+            kept = set(expand_layers(self.keep_attention, num_layers))
+            return [i for i in range(num_layers) if i not in kept]
+        return expand_layers(self.layers if self.layers is not None else "all", num_layers)
+
+
+class TeacherExpectation(_Strict):
+    """What the recipe was written for; checked against the teacher's config.json before weights load."""
+    model_type: str | None = None
+    num_hidden_layers: Annotated[int, Field(gt=0)] | None = None
+    num_attention_heads: Annotated[int, Field(gt=0)] | None = None
+    num_key_value_heads: Annotated[int, Field(gt=0)] | None = None
+    head_dim: Annotated[int, Field(gt=0)] | None = None
+    vocab_size: Annotated[int, Field(gt=0)] | None = None
+
+
+class EvalSection(_Strict):
+    text: str = Field("builtin:python-docs", description="held-out text: builtin:<name> or a .txt file")
+    seq_len: Annotated[int, Field(gt=1)] = 256
+    max_tokens: Annotated[int, Field(gt=0)] = 16384
+    batch_size: Annotated[int, Field(gt=0)] = 4
+
+
+STAGES: dict[str, type[BaseModel]] = {}   # stage name -> its recipe section; filled as stages land
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class Recipe(_Strict):
+    output_dir: str
+    teacher: str = Field(description="Hub name, local folder, or builtin:<name> prepared offline")
+    expect: TeacherExpectation = Field(default_factory=TeacherExpectation)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    convert: ConvertSection = Field(default_factory=ConvertSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    stages: list[StageSpec] = Field(default_factory=list)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages):
+        for i, s in enumerate(stages):
+            if s.name not in STAGES:
+                have = ", ".join(sorted(STAGES)) or "none yet (use stages: [])"
+                raise ValueError(f"stages[{i}]: stage {s.name!r} does not exist; available: {have}")
+        return stages
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def _set_dotted(data: dict, dotted: str, raw: str, source: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.get(key, {}), dict):
+            raise RecipeError(f"{source}: override {dotted}: {key} is not a section")
+        node = node.setdefault(key, {})
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _format_error(source: str, err: dict) -> str:
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in MIXER_OPTION_MODELS)]
+    field = ".".join(loc) or "(top level)"
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+        parent = _model_at(loc[:-1])
+        if parent is not None:
+            msg += f" (allowed here: {', '.join(parent.model_fields)})"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind.startswith("union_tag"):
+        msg = f"mixer type must be one of {', '.join(MIXER_OPTION_MODELS)}"
+    elif kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    got = err.get("input")
+    if kind not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
+        msg += f" (got {got!r})"
+    return f"{source}: {field}: {msg}"
+
+
+def _model_at(loc: list[str]):
+    model: Any = Recipe
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                     ann)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict]:
+    """Read, override and validate a recipe; returns it and its resolved dict (with defaults)."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError(f"{source}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"{source}: override {item!r} must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            _set_dotted(data, key.strip(), raw, source)
+        except yaml.YAMLError:
+            raise RecipeError(f"{source}: override {item!r}: value is not valid YAML") from None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_error(source, e.errors()[0])) from None
+    recipe._source = path.resolve()
+    return recipe, recipe.model_dump(mode="json")
+
+
+def recipe_hash(resolved: dict) -> str:
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_path(recipe: Recipe, value: str) -> Path | None:
+    """A relative path is looked up beside the recipe, then at the repo root; None if neither exists."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p if p.exists() else None
+    for base in (Path(getattr(recipe, "_source", REPO_ROOT)).parent, REPO_ROOT, Path.cwd()):
+        if (base / p).exists():
+            return (base / p).resolve()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# against the teacher's config.json (no weights loaded)
+# ---------------------------------------------------------------------------------------------
+def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[int]:
+    """Raise RecipeError when the recipe cannot apply to this teacher; return the layers to convert."""
+    from .student.arch_registry import ARCHITECTURES, get_architecture
+
+    mt = teacher_config.model_type
+    if mt not in ARCHITECTURES:
+        try:
+            get_architecture(mt)
+        except ValueError as e:
+            raise RecipeError(f"{source}: teacher: {e}") from None
+    arch = ARCHITECTURES[mt]
+    heads, kv_heads, head_dim = arch.heads(teacher_config)
+    actual = {"model_type": mt, "num_hidden_layers": teacher_config.num_hidden_layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+              "vocab_size": teacher_config.vocab_size}
+    for key, want in recipe.expect.model_dump().items():
+        if want is not None and actual[key] != want:
+            raise RecipeError(f"{source}: expect.{key}: recipe expects {want}, teacher config.json has {actual[key]}")
+    n = teacher_config.num_hidden_layers
+    try:
+        layers = recipe.convert.mixer_layers(n)
+    except ValueError as e:
+        raise RecipeError(f"{source}: convert: {e}") from None
+    bad = [i for i in layers if i >= n]
+    if bad:
+        field = "convert.keep_attention" if recipe.convert.keep_attention is not None else "convert.layers"
+        raise RecipeError(f"{source}: {field}: layer {bad[0]} is out of range (teacher has {n} layers: 0-{n - 1})")
+    if recipe.convert.keep_attention is not None:
+        kept = expand_layers(recipe.convert.keep_attention, n)
+        if kept and max(kept) >= n:
+            raise RecipeError(f"{source}: convert.keep_attention: layer {max(kept)} is out of range "
+                              f"(teacher has {n} layers: 0-{n - 1})")
+    mixer = recipe.convert.mixer
+    if getattr(mixer, "window", None):
+        teacher_window = getattr(teacher_config, "sliding_window", None)
+        kept_layers = set(range(n)) - set(layers)
+        if teacher_window and kept_layers and teacher_window != mixer.window:
+            raise RecipeError(f"{source}: convert.mixer.window: the teacher keeps sliding-window attention "
+                              f"({teacher_window}) in layers {sorted(kept_layers)[:4]}...; a different mixer window "
+                              "cannot share the cache config: use the same window or convert those layers")
+    if getattr(mixer, "feature_dim", None) and mixer.feature_dim > 4 * head_dim:
+        raise RecipeError(f"{source}: convert.mixer.feature_dim: {mixer.feature_dim} is over 4 x head_dim ({head_dim})")
+    if isinstance(mixer, (Mamba2Options, GatedDeltaNetOptions)) and mixer.dt_min > mixer.dt_max:
+        raise RecipeError(f"{source}: convert.mixer.dt_min: must not exceed dt_max ({mixer.dt_max})")
+    return layers
