@@ -48,6 +48,6 @@ class GatedDeltaNet(Mixer):
         beta = torch.sigmoid(self.beta_proj(x).float())
         log_decay = -torch.exp(self.A_log.float()) * F.softplus(self.decay_proj(x).float())
         if valid is not None:                                              # padded steps leave S unchanged
-            beta, log_decay = beta * valid, log_decay * valid
+            beta, log_decay = beta * valid[..., None], log_decay * valid[..., None]
         o = self.recurrence("delta", q, k, self.expand(v), log_decay, beta, cache, scale=self.head_dim ** -0.5)
         return self.norm(o)

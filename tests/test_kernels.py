@@ -1,0 +1,151 @@
+"""Chunked PyTorch forms and decode steps against the fp32 reference recurrences."""
+import pytest
+import torch
+
+from kernels import decay_scalar, decay_vector, delta
+
+OPS = {"decay_scalar": decay_scalar, "decay_vector": decay_vector, "delta": delta}
+
+
+def make_inputs(op, B=2, T=37, H=4, Hkv=None, Dk=16, Dv=24, dtype=torch.float32, strong=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Hkv = Hkv or H
+    q = torch.randn(B, T, H, Dk, generator=g)
+    k = torch.randn(B, T, Hkv, Dk, generator=g)
+    v = torch.randn(B, T, Hkv, Dv, generator=g)
+    shape = (B, T, H, Dk) if op == "decay_vector" else (B, T, H)
+    log_decay = -torch.rand(shape, generator=g) * (8.0 if strong else 0.5)
+    args = [q, k, v, log_decay]
+    if op == "delta":
+        args[1] = torch.nn.functional.normalize(k, dim=-1)
+        args.append(torch.rand(B, T, H, generator=g))
+    return [a.to(dtype) for a in args]
+
+
+def call(fn, args, **kw):
+    return fn(*args, **kw)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("T", [1, 37, 64, 130])
+def test_chunk_matches_naive_outputs_and_state(op, T):
+    args = make_inputs(op, T=T)
+    S0 = torch.randn(2, 4, 16, 24)
+    o_ref, s_ref = OPS[op].naive(*args, initial_state=S0, output_final_state=True)
+    o, s = OPS[op].chunk(*args, initial_state=S0, output_final_state=True)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_chunk_gradients_match_naive(op):
+    args = [a.double().requires_grad_() for a in make_inputs(op, T=21, B=1, H=2, Dk=8, Dv=8)]
+    S0 = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for fn in (OPS[op].naive, OPS[op].chunk):
+        o, s = fn(*args, initial_state=S0, output_final_state=True)
+        (o.float().square().sum() + s.square().sum()).backward()
+        grads.append([a.grad.clone() for a in args] + [S0.grad.clone()])
+        for a in args + [S0]:
+            a.grad = None
+    for g_ref, g in zip(*grads):
+        torch.testing.assert_close(g.float(), g_ref.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_continuation_equals_one_call(op):
+    args = make_inputs(op, T=50)
+    o_all, s_all = OPS[op].chunk(*args, output_final_state=True)
+    first = [a[:, :23] for a in args]
+    second = [a[:, 23:] for a in args]
+    o1, s1 = OPS[op].chunk(*first, output_final_state=True)
+    o2, s2 = OPS[op].chunk(*second, initial_state=s1, output_final_state=True)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o_all, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s2, s_all, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_recurrent_steps_equal_chunk(op):
+    args = make_inputs(op, T=12)
+    o_ref, s_ref = OPS[op].chunk(*args, output_final_state=True)
+    state, outs = None, []
+    for t in range(12):
+        o, state = OPS[op].recurrent_step(*[a[:, t:t + 1] for a in args], initial_state=state)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state, s_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_varlen_equals_separate_calls_with_gradients(op):
+    lens = [5, 17, 9]
+    full = make_inputs(op, B=1, T=sum(lens))
+    full = [a.requires_grad_() for a in full]
+    cu = torch.tensor([0, 5, 22, 31])
+    S0 = torch.randn(3, 4, 16, 24)
+    o, s = OPS[op].chunk(*full, initial_state=S0, output_final_state=True, cu_seqlens=cu)
+    o.square().sum().backward()
+    packed_grads = [a.grad.clone() for a in full]
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        part = [x.detach()[:, a:b].clone().requires_grad_() for x in full]
+        o_i, s_i = OPS[op].naive(*part, initial_state=S0[i:i + 1], output_final_state=True)
+        torch.testing.assert_close(o[:, a:b], o_i, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(s[i:i + 1], s_i, rtol=1e-4, atol=1e-4)
+        o_i.square().sum().backward()
+        for g_packed, x in zip(packed_grads, part):
+            torch.testing.assert_close(g_packed[:, a:b], x.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("D", [16, 32, 64])
+def test_head_dims_and_gqa(op, D):
+    args = make_inputs(op, T=20, H=4, Hkv=2, Dk=D, Dv=D, B=1)
+    o_ref, _ = OPS[op].naive(*args)
+    o, _ = OPS[op].chunk(*args)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bf16_inputs_close_to_fp32_reference(op):
+    args = make_inputs(op, T=40)
+    o_ref, _ = OPS[op].naive(*args)
+    o, _ = OPS[op].chunk(*[a.bfloat16() for a in args])
+    assert o.dtype == torch.bfloat16
+    rel = (o.float() - o_ref).norm() / o_ref.norm()
+    assert rel < 2e-2
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_long_sequence_strong_decay_stays_finite_bf16(op):
+    T = 65536 if op != "decay_vector" else 16384
+    args = make_inputs(op, B=1, T=T, H=1, Dk=16, Dv=16, strong=True)
+    o, s = OPS[op].chunk(*[a.bfloat16() for a in args], output_final_state=True)
+    assert torch.isfinite(o.float()).all() and torch.isfinite(s).all()
+
+
+def test_bad_shapes_name_the_argument():
+    q, k, v, g = make_inputs("decay_scalar")
+    with pytest.raises(ValueError, match="log_decay"):
+        decay_scalar.chunk(q, k, v, g[..., :-1])
+    with pytest.raises(ValueError, match="beta"):
+        delta.chunk(q, k, v, g, None)
+    with pytest.raises(ValueError, match="T == 1"):
+        decay_scalar.recurrent_step(q, k, v, g)
+
+
+def test_backend_choice_argument_and_environment(monkeypatch):
+    args = make_inputs("decay_scalar", T=4)
+    with pytest.raises(ValueError, match="unknown backend backend='cuda-magic'"):
+        decay_scalar.chunk(*args, backend="cuda-magic")
+    monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="RNNIFY_KERNELS_BACKEND"):
+        decay_scalar.chunk(*args)
+    monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "torch")
+    decay_scalar.chunk(*args)
+
+
+def test_our_kernels_package_is_not_hugging_face_kernels():
+    import kernels
+    from transformers.utils.import_utils import is_kernels_available
+    assert kernels.RNNIFY_KERNELS is True
+    assert not is_kernels_available()

@@ -1,0 +1,139 @@
+"""The converted student: equivalence of its parallel and recurrent forms, teacher reproduction, padding,
+constant decode memory, and save/load into a process that has only torch + transformers."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from convert.convert import convert, save_student
+from tests.conftest import ARCH_CONFIGS, MIXERS, make_teacher, randomize_mixers
+
+
+def prefill_then_decode_logits(model, ids, split):
+    out = model(ids[:, :split], use_cache=True)
+    cache, logits = out.cache, [out.logits]
+    for t in range(split, ids.shape[1]):
+        out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("arch", ARCH_CONFIGS)
+@pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_parallel_equals_prefill_plus_decode(arch, mixer):
+    student = randomize_mixers(convert(make_teacher(arch), mixer, [0, 2]))   # layer 1 keeps attention (hybrid)
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = student(ids, use_cache=False).logits
+        stepped = prefill_then_decode_logits(student, ids, split=7)
+    assert (full - stepped).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCH_CONFIGS)
+def test_zero_converted_layers_reproduce_teacher_exactly(arch):
+    teacher = make_teacher(arch)
+    student = convert(teacher, {"type": "gla"}, [])
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, teacher(ids).logits)
+
+
+def test_all_layers_converted_generate_with_linear_cache_only():
+    from transformers.cache_utils import LinearAttentionLayer
+    student = convert(make_teacher("llama"), {"type": "gated_deltanet"}, [0, 1, 2])
+    ids = torch.randint(0, 97, (1, 6))
+    out = student.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                           pad_token_id=0)
+    assert out.sequences.shape == (1, 14)
+    assert all(isinstance(layer, LinearAttentionLayer) for layer in out.past_key_values.layers)
+
+
+@pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_left_padded_batch_generates_the_same_tokens(mixer):
+    student = randomize_mixers(convert(make_teacher("llama"), mixer, [0, 2]))
+    prompts = [torch.randint(2, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 4)]
+    width = max(p.numel() for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.numel():] = p
+        mask[i, width - p.numel():] = 1
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    batched = student.generate(ids, attention_mask=mask, **kw)[:, width:]
+    for i, p in enumerate(prompts):
+        alone = student.generate(p[None], attention_mask=torch.ones(1, p.numel(), dtype=torch.long), **kw)
+        assert torch.equal(batched[i], alone[0, p.numel():])
+
+
+@pytest.mark.parametrize("mixer", [{"type": "hedgehog", "window": 8}, {"type": "gla"}], ids=["window", "gla"])
+def test_decode_memory_does_not_grow_with_generated_length(mixer):
+    student = convert(make_teacher("llama"), mixer, [0, 1, 2])
+    ids = torch.randint(0, 97, (1, 4))
+
+    def cache_bytes(n_new):
+        out = student.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                               return_dict_in_generate=True, pad_token_id=0)
+        total = 0
+        for layer in out.past_key_values.layers:
+            total += sum(s.numel() * s.element_size() for s in layer.recurrent_states.values() if s is not None)
+            for kv in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                total += kv.numel() * kv.element_size() if isinstance(kv, torch.Tensor) else 0
+        return total
+
+    assert cache_bytes(16) == cache_bytes(64) > 0
+
+
+def test_save_load_round_trip_in_fresh_process_without_rnnify(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    student = randomize_mixers(convert(LlamaForCausalLM(cfg).eval(), {"type": "hedgehog", "window": 4}, [1, 2]))
+    folder = save_student(student, tmp_path / "student", tokenizer)
+    ids = torch.tensor([tokenizer("The if statement is used for")["input_ids"]])
+    with torch.no_grad():
+        ref = student(ids).logits
+    torch.save({"ids": ids, "ref": ref}, tmp_path / "ref.pt")
+    code = f"""
+import sys
+sys.modules["kernels"] = None; sys.modules["convert"] = None   # rnnify is not installed here
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+d = torch.load({str(tmp_path / 'ref.pt')!r})
+diff = (m(d["ids"]).logits - d["ref"]).abs().max().item()
+out = m.generate(d["ids"], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+print(diff, out.shape[1] - d["ids"].shape[1], type(m).__name__)
+"""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    diff, new_tokens, cls = res.stdout.strip().splitlines()[-1].split()
+    assert float(diff) == 0.0 and int(new_tokens) == 32 and cls == "RnnifyForCausalLM"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rnnify.RnnifyForCausalLM"
+    assert config["layer_types"] == ["full_attention", "hybrid_sliding", "hybrid_sliding"]
+    for name in ("model.safetensors", "rnnify_ops.py", "modeling_rnnify.py", "generation_config.json",
+                 "tokenizer.json"):
+        assert (folder / name).is_file(), name
+
+
+def test_converted_layers_reuse_teacher_projections():
+    teacher = make_teacher("qwen3")
+    student = convert(teacher, {"type": "mamba2"}, [1])
+    mixer = student.model.layers[1].self_attn
+    assert torch.equal(mixer.attn.q_proj.weight, teacher.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(mixer.attn.k_norm.weight, teacher.model.layers[1].self_attn.k_norm.weight)
+    assert type(student.model.layers[0].self_attn).__name__ == "Qwen3Attention"
+
+
+def test_unsupported_teacher_lists_supported_architectures():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"supported: llama, mistral, phi3, qwen2, qwen3.*arch_llama.py"):
+        convert(teacher, {"type": "gla"}, [0])
