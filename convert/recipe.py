@@ -183,7 +183,7 @@ def _format_error(source: str, err: dict) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
         msg = "unknown key"
-        parent = _model_at(loc[:-1])
+        parent = _model_at([str(p) for p in err["loc"][:-1]])
         if parent is not None:
             msg += f" (allowed here: {', '.join(parent.model_fields)})"
     elif kind == "missing":
@@ -199,8 +199,12 @@ def _format_error(source: str, err: dict) -> str:
 
 
 def _model_at(loc: list[str]):
+    """The pydantic model at a validation-error location (a mixer tag in ``loc`` selects that mixer)."""
     model: Any = Recipe
     for part in loc:
+        if part in MIXER_OPTION_MODELS:
+            model = MIXER_OPTION_MODELS[part]
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None

@@ -7,7 +7,8 @@ from pathlib import Path
 # with CPython itself (pydoc_data), real English technical prose available on every machine.
 def _python_docs() -> list[str]:
     from pydoc_data.topics import topics
-    return [topics[k] for k in sorted(topics)]
+    # several topic keys share one text: dedupe so that no held-out text is also a training text
+    return list(dict.fromkeys(topics[k] for k in sorted(topics)))
 
 
 BUILTIN_CORPORA = {"python-docs": _python_docs}

@@ -1,0 +1,95 @@
+"""End to end: `python -m convert run` on a builtin tiny teacher, offline, then a fresh process loads the
+student with trust_remote_code and generates 32 tokens."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    env = {**os.environ, "RNNIFY_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "recipes/quickstart.yaml"),
+                          f"output_dir={tmp / 'out'}", "stages=[]", "eval.max_tokens=2048"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / "out", res
+
+
+def test_run_writes_report_with_teacher_and_student_perplexity(run_dir):
+    out, res = run_dir
+    report = json.loads((out / "report.json").read_text())
+    ppl = report["perplexity"]
+    assert math.isfinite(ppl["teacher"]) and math.isfinite(ppl["student"]) and ppl["teacher"] > 1
+    assert report["teacher_untrained"] is True and "untrained" in res.stdout
+    assert Path(report["teacher_path"], "config.json").is_file()
+    assert report["mixer_layers"] == [1, 2, 3] and report["attention_layers"] == [0]
+    assert "held-out perplexity" in res.stdout
+
+
+def test_run_saves_resolved_recipe_with_hash(run_dir):
+    out, _ = run_dir
+    text = (out / "recipe.resolved.yaml").read_text()
+    digest = json.loads((out / "report.json").read_text())["recipe_hash"]
+    assert text.startswith(f"# recipe hash: {digest}") and "eval:" in text and "max_tokens: 2048" in text
+
+
+def test_fresh_process_loads_student_and_generates(run_dir):
+    out, _ = run_dir
+    code = f"""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = {str(out / 'student')!r}
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+ids = tok("The while statement", return_tensors="pt")
+gen = model.generate(**ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+print(gen.shape[1] - ids["input_ids"].shape[1])
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "32"
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    from eval.perplexity import perplexity
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
+
+    assert perplexity(Uniform(), torch.arange(37) % 50, seq_len=8, batch_size=3) == pytest.approx(50.0)
+
+
+def test_heldout_text_is_disjoint_from_training_documents(tmp_path):
+    from eval.text import corpus_documents, tokenize_documents
+    held, train = corpus_documents("builtin:python-docs"), corpus_documents("builtin:python-docs", "train")
+    assert held and train and not set(held) & set(train)
+    with pytest.raises(FileNotFoundError):
+        corpus_documents(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        corpus_documents(str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="unknown builtin corpus"):
+        corpus_documents("builtin:wikitext")
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    assert tokenize_documents(Tok(), ["ab", "cd"], max_tokens=5).tolist() == [97, 98, 0, 99, 100]

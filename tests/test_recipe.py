@@ -1,0 +1,198 @@
+"""Recipe validation: each malformed case gives one line naming the file and the dotted field."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from convert.recipe import (GatedDeltaNetOptions, GLAOptions, HedgehogOptions, Mamba2Options, RecipeError,
+                            check_against_teacher, expand_layers, load_recipe, recipe_hash)
+from tests.conftest import make_teacher
+
+BASE = {"output_dir": "out", "teacher": "builtin:tiny-llama", "convert": {"mixer": {"type": "hedgehog"}}}
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def error_of(tmp_path, data, overrides=()):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, data), list(overrides))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "r.yaml") + ": ")
+    return msg
+
+
+def with_(path_value: dict):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    for dotted, value in path_value.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
+
+
+def test_minimal_recipe_validates_with_defaults(tmp_path):
+    recipe, resolved = load_recipe(write(tmp_path, BASE))
+    assert recipe.convert.mixer.type == "hedgehog" and resolved["eval"]["seq_len"] == 256
+    assert len(recipe_hash(resolved)) == 16
+
+
+def test_unknown_top_level_key(tmp_path):
+    assert "tacher: unknown key (allowed here: output_dir, teacher" in error_of(tmp_path, {**BASE, "tacher": "x"})
+
+
+def test_unknown_nested_key(tmp_path):
+    assert "eval.seq_length: unknown key" in error_of(tmp_path, with_({"eval.seq_length": 3}))
+
+
+def test_missing_output_dir(tmp_path):
+    data = dict(BASE)
+    del data["output_dir"]
+    assert "output_dir: required key is missing" in error_of(tmp_path, data)
+
+
+def test_wrong_type(tmp_path):
+    assert "eval.seq_len:" in error_of(tmp_path, with_({"eval.seq_len": "long"}))
+
+
+def test_window_must_be_positive(tmp_path):
+    msg = error_of(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "window": 0}}))
+    assert "convert.mixer.window:" in msg and "greater than 0" in msg
+
+
+def test_mixer_option_that_does_not_apply(tmp_path):
+    msg = error_of(tmp_path, with_({"convert.mixer": {"type": "gla", "window": 64}}))
+    assert "convert.mixer.window: unknown key" in msg and "gate_rank" in msg
+
+
+def test_unknown_mixer_type(tmp_path):
+    msg = error_of(tmp_path, with_({"convert.mixer": {"type": "rwkv9"}}))
+    assert "convert.mixer" in msg and "hedgehog, mamba2, gla, gated_deltanet" in msg
+
+
+def test_unknown_dtype(tmp_path):
+    assert "dtype:" in error_of(tmp_path, {**BASE, "dtype": "float8"})
+
+
+def test_stage_that_does_not_exist_is_rejected(tmp_path):
+    msg = error_of(tmp_path, {**BASE, "stages": [{"name": "distill"}]})
+    assert "stages: " in msg and "'distill' does not exist" in msg
+
+
+def test_bad_layer_range(tmp_path):
+    assert "convert.layers" in error_of(tmp_path, with_({"convert.layers": ["7-3"]}))
+
+
+def test_negative_layer_index(tmp_path):
+    assert "convert.layers" in error_of(tmp_path, with_({"convert.layers": [-1]}))
+
+
+def test_every_nth_needs_positive_step(tmp_path):
+    assert "convert.layers" in error_of(tmp_path, with_({"convert.layers": {"every": 0}}))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    assert "not valid YAML" in error_of(tmp_path, "a: [1, 2")
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_overrides_apply_before_validation(tmp_path):
+    recipe, _ = load_recipe(write(tmp_path, BASE), ["output_dir=elsewhere", "convert.mixer.window=32",
+                                                    "stages=[]", "eval.seq_len=128"])
+    assert recipe.output_dir == "elsewhere" and recipe.convert.mixer.window == 32 and recipe.eval.seq_len == 128
+    assert "convert.mixer.window:" in error_of(tmp_path, BASE, ["convert.mixer.window=-4"])
+    assert "must look like dotted.key=value" in error_of(tmp_path, BASE, ["window"])
+
+
+def test_layer_specs_expand():
+    assert expand_layers([0, "2-4", 9]) == [0, 2, 3, 4, 9]
+    assert expand_layers("all", 3) == [0, 1, 2] and expand_layers("none", 3) == []
+
+
+# ---- checks against the teacher's config.json -----------------------------------------------------
+def teacher_error(tmp_path, data):
+    recipe, _ = load_recipe(write(tmp_path, data))
+    with pytest.raises(RecipeError) as e:
+        check_against_teacher(recipe, make_teacher("llama").config, "r.yaml")
+    return str(e.value)
+
+
+def test_layer_index_out_of_range(tmp_path):
+    msg = teacher_error(tmp_path, with_({"convert.layers": [0, 7]}))
+    assert msg == "r.yaml: convert.layers: layer 7 is out of range (teacher has 3 layers: 0-2)"
+
+
+def test_kept_layer_out_of_range(tmp_path):
+    assert "convert.keep_attention: layer 5 is out of range" in teacher_error(tmp_path, with_({"convert.keep_attention": [5]}))
+
+
+def test_layers_and_keep_attention_together(tmp_path):
+    assert "not both" in teacher_error(tmp_path, with_({"convert.layers": [0], "convert.keep_attention": [1]}))
+
+
+@pytest.mark.parametrize("key,value,actual", [("num_hidden_layers", 30, 3), ("num_attention_heads", 9, 4),
+                                              ("num_key_value_heads", 3, 2), ("head_dim", 64, 16),
+                                              ("vocab_size", 49152, 97), ("model_type", "qwen3", "llama")])
+def test_expectations_checked_against_teacher_config(tmp_path, key, value, actual):
+    msg = teacher_error(tmp_path, {**BASE, "expect": {key: value}})
+    assert msg == f"r.yaml: expect.{key}: recipe expects {value}, teacher config.json has {actual}"
+
+
+def test_feature_dim_too_large(tmp_path):
+    msg = teacher_error(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "feature_dim": 1000}}))
+    assert "convert.mixer.feature_dim" in msg
+
+
+def test_dt_range_inverted(tmp_path):
+    msg = teacher_error(tmp_path, with_({"convert.mixer": {"type": "mamba2", "dt_min": 0.5, "dt_max": 0.1}}))
+    assert "convert.mixer.dt_min" in msg
+
+
+def test_recipe_mixer_options_match_runtime_defaults():
+    from convert.student.modeling_rnnify import RnnifyForCausalLM  # noqa: F401  (registers mixers)
+    from convert.student.mixer_registry import MIXERS
+    for model in (HedgehogOptions, Mamba2Options, GLAOptions, GatedDeltaNetOptions):
+        name = model.model_fields["type"].annotation.__args__[0]
+        defaults = model(type=name).model_dump()
+        defaults.pop("type")
+        runtime = MIXERS[name].options
+        assert set(defaults) == set(runtime), name
+        for k, v in defaults.items():
+            assert (list(v) if isinstance(v, tuple) else v) == runtime[k], (name, k)
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_recipe_error_exits_2_without_traceback(tmp_path):
+    res = run_cli("validate", str(write(tmp_path, with_({"convert.mixer": {"type": "gla", "window": 8}}))))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().endswith("convert.mixer.window: unknown key (allowed here: type, rope, gate_rank, "
+                                       "gate_normalizer, initial_memory)")
+
+
+def test_cli_validate_checks_teacher_config(tmp_path, monkeypatch):
+    res = run_cli("validate", str(write(tmp_path, BASE)), "convert.layers=[0,9]")
+    assert res.returncode == 2 and "layer 9 is out of range" in res.stderr
+    res = run_cli("validate", str(write(tmp_path, BASE)), "teacher=builtin:tiny-gpt2")
+    assert res.returncode == 2 and "unknown builtin teacher 'tiny-gpt2'" in res.stderr
+    res = run_cli("validate", str(write(tmp_path, BASE)))
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout
+
+
+def test_quickstart_and_shipped_recipes_validate():
+    for recipe in sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")):
+        res = run_cli("validate", str(recipe))
+        assert res.returncode == 0, (recipe, res.stderr)
