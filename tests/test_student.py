@@ -137,3 +137,15 @@ def test_unsupported_teacher_lists_supported_architectures():
     teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match=r"supported: llama, mistral, phi3, qwen2, qwen3.*arch_llama.py"):
         convert(teacher, {"type": "gla"}, [0])
+
+
+@pytest.mark.parametrize("mixer", [{"type": "gla"}, {"type": "hedgehog", "window": 6}], ids=["gla", "window=teacher's"])
+def test_mistral_sliding_window_teacher_keeps_its_window_on_kept_layers(mixer):
+    teacher = make_teacher("mistral", sliding_window=6)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(convert(teacher, mixer, []).forward(ids).logits, teacher(ids).logits)
+        student = randomize_mixers(convert(teacher, mixer, [1]))
+        assert student.config.layer_types[0] == "sliding_attention"
+        full = student(ids, use_cache=False).logits
+        assert (full - prefill_then_decode_logits(student, ids, split=9)).abs().max().item() <= 1e-4
