@@ -149,3 +149,20 @@ def test_mistral_sliding_window_teacher_keeps_its_window_on_kept_layers(mixer):
         assert student.config.layer_types[0] == "sliding_attention"
         full = student(ids, use_cache=False).logits
         assert (full - prefill_then_decode_logits(student, ids, split=9)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_multi_token_continuation_of_a_cache(mixer):
+    """Chunked prefill: a second multi-token forward continues the cached state exactly."""
+    student = randomize_mixers(convert(make_teacher("llama"), mixer, [0, 2]))
+    ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = student(ids, use_cache=False).logits
+        out = student(ids[:, :7], use_cache=True)
+        parts = [out.logits]
+        out = student(ids[:, 7:18], cache=out.cache, use_cache=True)
+        parts.append(out.logits)
+        for t in range(18, 23):
+            out = student(ids[:, t:t + 1], cache=out.cache, use_cache=True)
+            parts.append(out.logits)
+    assert (full - torch.cat(parts, 1)).abs().max().item() <= 1e-4
