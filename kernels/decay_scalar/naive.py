@@ -1,28 +1,16 @@
-"""Reference recurrence (the truth): S_t = a_t S_{t-1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t, step by step in fp32."""
+"""Reference recurrence (the truth): S_t = a_t S_{t-1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t, step by step in fp32.
+
+A scalar decay per head is the per-channel recurrence of ``decay_vector`` with a_t repeated over Dk.
+"""
 from __future__ import annotations
 
-import torch
-
-from ..torch_ops import check_inputs, expand_kv_heads, run_varlen
-
-
-def _loop(scale):
-    def run(q, k, v, log_decay, beta, initial_state, output_final_state):
-        B, T, H, Dk = q.shape
-        S = torch.zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.float().clone()
-        S = S.to(q.device)
-        outs = []
-        for t in range(T):
-            a = log_decay[:, t].float().exp()[..., None, None]                  # [B,H,1,1]
-            S = a * S + k[:, t].float()[..., :, None] * v[:, t].float()[..., None, :]
-            outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t].float(), S))
-        return torch.stack(outs, 1).to(q.dtype), (S if output_final_state else None)
-    return run
+from ..decay_vector.naive import naive as _vector_naive
+from ..torch_ops import check_inputs
 
 
 def naive(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None, scale=None):
     """q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], log_decay [B,T,H] -> (o [B,T,H,Dv], S [B,H,Dk,Dv] | None)."""
     check_inputs("decay_scalar", q, k, v, log_decay, None, initial_state, cu_seqlens)
-    k, v = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return run_varlen(_loop(scale), q, k, v, log_decay, None, initial_state, output_final_state, cu_seqlens)
+    per_channel = log_decay[..., None].expand(*log_decay.shape, q.shape[-1])
+    return _vector_naive(q, k, v, per_channel, initial_state=initial_state, output_final_state=output_final_state,
+                         cu_seqlens=cu_seqlens, scale=scale)
