@@ -53,12 +53,27 @@ def load_teacher_config(location: str, source: str):
                           f"{str(e).splitlines()[0]}") from None
 
 
+def heldout_documents(recipe: Recipe, source: str) -> list[str]:
+    """The held-out documents named by ``eval.text`` (a builtin corpus's held-out split, or a file)."""
+    spec = recipe.eval.text
+    if not spec.startswith("builtin:"):
+        path = resolve_path(recipe, spec)
+        if path is None:
+            raise RecipeError(f"{source}: eval.text: file {spec!r} not found (looked beside the recipe and at the repo root)")
+        spec = str(path)
+    try:
+        return corpus_documents(spec, split="heldout")
+    except ValueError as e:
+        raise RecipeError(f"{source}: eval.text: {e}") from None
+
+
 def validate(recipe_path: str, overrides: list[str] = ()):
     """Every check that needs no weights: the recipe itself, then against the teacher's config.json."""
     recipe, resolved = load_recipe(recipe_path, overrides)
     location = resolve_teacher(recipe, recipe_path)
     config = load_teacher_config(location, recipe_path)
     layers = check_against_teacher(recipe, config, recipe_path)
+    heldout_documents(recipe, recipe_path)
     return recipe, resolved, location, config, layers
 
 
@@ -94,10 +109,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings["convert_and_save_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ids = tokenize_documents(tokenizer, corpus_documents(recipe.eval.text, split="heldout")
-                             if recipe.eval.text.startswith("builtin:")
-                             else corpus_documents(str(resolve_path(recipe, recipe.eval.text) or recipe.eval.text)),
-                             recipe.eval.max_tokens)
+    ids = tokenize_documents(tokenizer, heldout_documents(recipe, recipe_path), recipe.eval.max_tokens)
     ppl = {"teacher": perplexity(teacher, ids, recipe.eval.seq_len, recipe.eval.batch_size),
            "student": perplexity(student, ids, recipe.eval.seq_len, recipe.eval.batch_size)}
     timings["eval_s"] = time.perf_counter() - t0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,15 @@ class HedgehogOptions(_Strict):
     eps: Annotated[float, Field(gt=0)] = 1e-6
 
 
-class Mamba2Options(_Strict):
+class _DtRange(_Strict):
+    @model_validator(mode="after")
+    def _dt_ordered(self):
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        return self
+
+
+class Mamba2Options(_DtRange):
     type: Literal["mamba2"]
     rope: bool = False
     dt_min: Annotated[float, Field(gt=0)] = 0.001
@@ -52,7 +60,7 @@ class GLAOptions(_Strict):
     initial_memory: Annotated[float, Field(gt=1)] = 256.0
 
 
-class GatedDeltaNetOptions(_Strict):
+class GatedDeltaNetOptions(_DtRange):
     type: Literal["gated_deltanet"]
     rope: bool = True
     dt_min: Annotated[float, Field(gt=0)] = 0.001
@@ -302,6 +310,4 @@ def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[i
                               "cannot share the cache config: use the same window or convert those layers")
     if getattr(mixer, "feature_dim", None) and mixer.feature_dim > 4 * head_dim:
         raise RecipeError(f"{source}: convert.mixer.feature_dim: {mixer.feature_dim} is over 4 x head_dim ({head_dim})")
-    if isinstance(mixer, (Mamba2Options, GatedDeltaNetOptions)) and mixer.dt_min > mixer.dt_max:
-        raise RecipeError(f"{source}: convert.mixer.dt_min: must not exceed dt_max ({mixer.dt_max})")
     return layers

@@ -152,8 +152,16 @@ def test_feature_dim_too_large(tmp_path):
 
 
 def test_dt_range_inverted(tmp_path):
-    msg = teacher_error(tmp_path, with_({"convert.mixer": {"type": "mamba2", "dt_min": 0.5, "dt_max": 0.1}}))
-    assert "convert.mixer.dt_min" in msg
+    msg = error_of(tmp_path, with_({"convert.mixer": {"type": "mamba2", "dt_min": 0.5, "dt_max": 0.1}}))
+    assert "convert.mixer: dt_min (0.5) must not exceed dt_max (0.1)" in msg
+
+
+def test_eval_text_file_missing_or_unknown_corpus(tmp_path):
+    from convert.pipeline import validate
+    with pytest.raises(RecipeError, match=r"eval.text: file 'nope.txt' not found"):
+        validate(str(write(tmp_path, with_({"eval.text": "nope.txt"}))))
+    with pytest.raises(RecipeError, match=r"eval.text: unknown builtin corpus 'wiki'"):
+        validate(str(write(tmp_path, with_({"eval.text": "builtin:wiki"}))))
 
 
 def test_recipe_mixer_options_match_runtime_defaults():
