@@ -29,11 +29,21 @@ class Hedgehog(Mixer):
         super().__init__(attn, arch, config, options, layer_idx)
         H, D = self.num_heads, self.head_dim
         F = self.opts["feature_dim"] or D
-        self.feature_q = nn.Parameter(torch.eye(D, F).repeat(H, 1, 1))   # [H, D, F]
-        self.feature_k = nn.Parameter(torch.eye(D, F).repeat(H, 1, 1))
+        self.feature_q = nn.Parameter(torch.empty(H, D, F))
+        self.feature_k = nn.Parameter(torch.empty(H, D, F))
         self.window = self.opts["window"]
         if self.window:
-            self.window_factor = nn.Parameter(torch.zeros(H))
+            self.window_factor = nn.Parameter(torch.empty(H))
+        self.reset_rnnify_parameters()
+
+    def reset_rnnify_parameters(self):
+        """Feature maps start as the identity (φ = softmax(±x)); window and linear parts mix ½ : ½."""
+        H, D, F = self.feature_q.shape
+        with torch.no_grad():
+            self.feature_q.copy_(torch.eye(D, F).repeat(H, 1, 1))
+            self.feature_k.copy_(torch.eye(D, F).repeat(H, 1, 1))
+            if self.window:
+                self.window_factor.zero_()
 
     @staticmethod
     def feature_map(x, weight):

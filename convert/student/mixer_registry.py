@@ -127,6 +127,10 @@ class Mixer(nn.Module):
         return o
 
     # -- interface -----------------------------------------------------------------------------
+    def reset_rnnify_parameters(self):
+        """(Re)initialise the parameters this mixer adds to the teacher's attention."""
+        raise NotImplementedError
+
     def mix(self, x, position_embeddings, valid, cache) -> torch.Tensor:
         """x [B,T,hidden] -> mixed values [B,T,H,Dv] before the output projection."""
         raise NotImplementedError

@@ -42,9 +42,10 @@ class RnnifyPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
-        if hasattr(module, "reset_rnnify_parameters"):
+        # mixers own the init of their new parameters; everything else is the teacher's standard init
+        if isinstance(module, Mixer):
             module.reset_rnnify_parameters()
-        elif not isinstance(module, Mixer):
+        else:
             super()._init_weights(module)
 
 
