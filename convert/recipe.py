@@ -270,15 +270,13 @@ def resolve_path(recipe: Recipe, value: str) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[int]:
     """Raise RecipeError when the recipe cannot apply to this teacher; return the layers to convert."""
-    from .student.arch_registry import ARCHITECTURES, get_architecture
+    from .student.arch_registry import get_architecture
 
     mt = teacher_config.model_type
-    if mt not in ARCHITECTURES:
-        try:
-            get_architecture(mt)
-        except ValueError as e:
-            raise RecipeError(f"{source}: teacher: {e}") from None
-    arch = ARCHITECTURES[mt]
+    try:
+        arch = get_architecture(mt)
+    except ValueError as e:
+        raise RecipeError(f"{source}: teacher: {e}") from None
     heads, kv_heads, head_dim = arch.heads(teacher_config)
     actual = {"model_type": mt, "num_hidden_layers": teacher_config.num_hidden_layers,
               "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
