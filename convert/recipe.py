@@ -117,9 +117,19 @@ class ConvertSection(_Strict):
             expand_layers(v)
         return v
 
-    def mixer_layers(self, num_layers: int) -> list[int]:
+    @model_validator(mode="after")
+    def _one_selection(self):
         if self.layers is not None and self.keep_attention is not None:
             raise ValueError("give either convert.layers or convert.keep_attention, not both")
+        return self
+
+    def selection(self) -> tuple[str, LayerSpec]:
+        """The dotted field that selects layers, and its spec."""
+        if self.keep_attention is not None:
+            return "convert.keep_attention", self.keep_attention
+        return "convert.layers", self.layers if self.layers is not None else "all"
+
+    def mixer_layers(self, num_layers: int) -> list[int]:
         if self.keep_attention is not None:
             kept = set(expand_layers(self.keep_attention, num_layers))
             return [i for i in range(num_layers) if i not in kept]
@@ -285,19 +295,11 @@ def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[i
         if want is not None and actual[key] != want:
             raise RecipeError(f"{source}: expect.{key}: recipe expects {want}, teacher config.json has {actual[key]}")
     n = teacher_config.num_hidden_layers
-    try:
-        layers = recipe.convert.mixer_layers(n)
-    except ValueError as e:
-        raise RecipeError(f"{source}: convert: {e}") from None
-    bad = [i for i in layers if i >= n]
+    field, spec = recipe.convert.selection()
+    bad = [i for i in expand_layers(spec, n) if i >= n]
     if bad:
-        field = "convert.keep_attention" if recipe.convert.keep_attention is not None else "convert.layers"
         raise RecipeError(f"{source}: {field}: layer {bad[0]} is out of range (teacher has {n} layers: 0-{n - 1})")
-    if recipe.convert.keep_attention is not None:
-        kept = expand_layers(recipe.convert.keep_attention, n)
-        if kept and max(kept) >= n:
-            raise RecipeError(f"{source}: convert.keep_attention: layer {max(kept)} is out of range "
-                              f"(teacher has {n} layers: 0-{n - 1})")
+    layers = recipe.convert.mixer_layers(n)
     mixer = recipe.convert.mixer
     if getattr(mixer, "window", None):
         teacher_window = getattr(teacher_config, "sliding_window", None)

@@ -135,7 +135,7 @@ def test_kept_layer_out_of_range(tmp_path):
 
 
 def test_layers_and_keep_attention_together(tmp_path):
-    assert "not both" in teacher_error(tmp_path, with_({"convert.layers": [0], "convert.keep_attention": [1]}))
+    assert "not both" in error_of(tmp_path, with_({"convert.layers": [0], "convert.keep_attention": [1]}))
 
 
 @pytest.mark.parametrize("key,value,actual", [("num_hidden_layers", 30, 3), ("num_attention_heads", 9, 4),
