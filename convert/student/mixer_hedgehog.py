@@ -103,8 +103,7 @@ class Hedgehog(Mixer):
         else:
             # position s of the shifted sequences holds query s and key s - W; one extra step at the end
             # pushes key N - W into the state, which then covers exactly the keys no longer cached.
-            zq = torch.zeros_like(phi_q[:, :1]).expand(B, 1, H, phi_q.shape[-1])
-            q_sh = torch.cat([torch.zeros_like(phi_k[:, :P]), phi_q, zq], dim=1)
+            q_sh = torch.cat([torch.zeros_like(phi_k[:, :P]), phi_q, torch.zeros_like(phi_q[:, :1])], dim=1)
             k_sh = torch.cat([torch.zeros_like(phi_k[:, :W]), phi_k], dim=1)[:, :N + 1]
             v_sh = torch.cat([torch.zeros_like(v_ext[:, :W]), v_ext], dim=1)[:, :N + 1]
             lin, new_state = run_chunk("decay_scalar", q_sh, k_sh, v_sh, torch.zeros(B, N + 1, H, device=q.device),

@@ -61,7 +61,6 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         teacher = AutoModelForCausalLM.from_config(teacher_config)
         self.model = teacher.model
         self.lm_head = teacher.lm_head
-        self.vocab_size = config.vocab_size
         arch = get_architecture(config.teacher_model_type)
         mixer_cls = get_mixer(config.mixer["type"])
         for i in config.mixer_layers:
@@ -95,7 +94,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        B, T = inputs_embeds.shape[:2]
+        T = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, cache, T, inputs_embeds.device)
 
