@@ -1,4 +1,4 @@
-"""``python -m convert {run,validate} RECIPE [dotted.key=value ...]``"""
+"""``python -m convert {run,validate} RECIPE [dotted.key=value ...]`` and ``python -m convert prepare NAME ...``"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,34 @@ import logging
 import sys
 
 from .recipe import RecipeError
+
+
+def prepare(names: list[str]) -> None:
+    """Prepare builtin teachers and corpora (``builtin:<name>``) or everything a recipe names, offline after."""
+    from distill.corpora import BUILTIN_CORPORA, CorpusError, prepare_corpus
+
+    from .recipe import load_recipe
+    from .teachers import BUILTIN_TEACHERS, TeacherError, prepare_teacher
+
+    wanted = []
+    for name in names:
+        if name.endswith((".yaml", ".yml")):
+            recipe, _ = load_recipe(name)
+            wanted += [ref for ref in (recipe.teacher, recipe.eval.text.source) if ref.startswith("builtin:")]
+        else:
+            wanted.append(name)
+    for ref in wanted:
+        name = ref.removeprefix("builtin:")
+        try:
+            if name in BUILTIN_TEACHERS:
+                print(f"builtin:{name} (teacher): {prepare_teacher(name)}")
+            elif name in BUILTIN_CORPORA:
+                print(f"builtin:{name} (corpus): {prepare_corpus(name)}")
+            else:
+                raise RecipeError(f"{ref}: not a builtin teacher ({', '.join(BUILTIN_TEACHERS)}) nor corpus "
+                                  f"({', '.join(BUILTIN_CORPORA)}), nor a recipe (.yaml)")
+        except (TeacherError, CorpusError) as e:
+            raise RecipeError(f"{ref}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    p = sub.add_parser("prepare", help="download and cache builtin teachers/corpora (then everything runs offline)")
+    p.add_argument("names", nargs="+", metavar="builtin:NAME|RECIPE.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from . import pipeline
@@ -25,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe, _, location, config, layers = pipeline.validate(args.recipe, args.overrides)
             print(f"{args.recipe}: ok — teacher {location} ({config.model_type}, {config.num_hidden_layers} layers); "
                   f"{len(layers)} layers -> {recipe.convert.mixer.type}: {layers}")
+        elif args.command == "prepare":
+            prepare(args.names)
         else:
             pipeline.run(args.recipe, args.overrides)
     except RecipeError as e:

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from distill.data import DataError, document_windows, load_documents, tokenize_documents
 from eval.perplexity import perplexity
-from eval.text import corpus_documents, tokenize_documents
 
 from .convert import convert, save_student
-from .recipe import Recipe, RecipeError, check_against_teacher, load_recipe, recipe_hash, resolve_path
-from .teachers import BUILTIN_TEACHERS, TOKENIZER_CORPUS, build_tiny_teacher, cache_dir, teacher_info
+from .recipe import Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, recipe_hash, resolve_path
+from .teachers import TeacherError, prepare_teacher, teacher_info
 
 log = logging.getLogger("rnnify")
 
@@ -23,16 +23,10 @@ def resolve_teacher(recipe: Recipe, source: str) -> str:
     """The folder (or Hub name) the teacher loads from; builtin teachers are prepared on first use."""
     ref = recipe.teacher
     if ref.startswith("builtin:"):
-        name = ref.split(":", 1)[1]
-        if name not in BUILTIN_TEACHERS:
-            raise RecipeError(f"{source}: teacher: unknown builtin teacher {name!r}; "
-                              f"available: {', '.join('builtin:' + n for n in BUILTIN_TEACHERS)}")
-        folder = cache_dir() / "teachers" / name
-        if not teacher_info(folder):
-            log.info("preparing builtin teacher %s in %s", name, folder)
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            build_tiny_teacher(name, folder, corpus_documents(TOKENIZER_CORPUS, split="train"))
-        return str(folder)
+        try:
+            return str(prepare_teacher(ref.split(":", 1)[1]))
+        except TeacherError as e:
+            raise RecipeError(f"{source}: teacher: {e}") from None
     local = resolve_path(recipe, ref)
     if local is not None:
         if not (local / "config.json").is_file():
@@ -44,6 +38,13 @@ def resolve_teacher(recipe: Recipe, source: str) -> str:
     return ref   # a Hub name
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names pass through."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def load_teacher_config(location: str, source: str):
     from transformers import AutoConfig
     try:
@@ -53,18 +54,24 @@ def load_teacher_config(location: str, source: str):
                           f"{str(e).splitlines()[0]}") from None
 
 
-def heldout_documents(recipe: Recipe, source: str) -> list[str]:
-    """The held-out documents named by ``eval.text`` (a builtin corpus's held-out split, or a file)."""
-    spec = recipe.eval.text
-    if not spec.startswith("builtin:"):
-        path = resolve_path(recipe, spec)
-        if path is None:
-            raise RecipeError(f"{source}: eval.text: file {spec!r} not found (looked beside the recipe and at the repo root)")
-        spec = str(path)
+def load_text(recipe: Recipe, text: TextSource, field: str, source: str, builtin_split: str, hub_split: str):
+    """The documents of ``text`` (a ``datasets.Dataset`` with column ``text``); errors name ``field``.
+
+    Without ``text.split``: ``builtin_split`` for bundled corpora, ``hub_split`` for Hub datasets.
+    """
+    name = text.source
+    if not name.startswith("builtin:"):
+        local = resolve_path(recipe, name)   # relative paths: beside the recipe, then the repo root
+        name = str(local) if local is not None else name
+    split = text.split or (builtin_split if name.startswith("builtin:") else hub_split)
     try:
-        return corpus_documents(spec, split="heldout")
-    except ValueError as e:
-        raise RecipeError(f"{source}: eval.text: {e}") from None
+        return load_documents(name, split=split, text_column=text.text_column, subset=text.subset)
+    except DataError as e:
+        raise RecipeError(f"{source}: {field}: {e}") from None
+
+
+def heldout_documents(recipe: Recipe, source: str):
+    return load_text(recipe, recipe.eval.text, "eval.text", source, builtin_split="heldout", hub_split="test")
 
 
 def validate(recipe_path: str, overrides: list[str] = ()):
@@ -99,7 +106,8 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings = {}
     t0 = time.perf_counter()
     dtype = getattr(torch, recipe.dtype)
-    teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(recipe.device).eval()
+    device = resolve_device(recipe.device)
+    teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     timings["load_teacher_s"] = time.perf_counter() - t0
 
@@ -109,15 +117,16 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings["convert_and_save_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ids = tokenize_documents(tokenizer, heldout_documents(recipe, recipe_path), recipe.eval.max_tokens)
-    ppl = {"teacher": perplexity(teacher, ids, recipe.eval.seq_len, recipe.eval.batch_size),
-           "student": perplexity(student, ids, recipe.eval.seq_len, recipe.eval.batch_size)}
+    windows = document_windows(tokenize_documents(heldout_documents(recipe, recipe_path), tokenizer),
+                               recipe.eval.seq_len, recipe.eval.max_tokens)
+    ppl = {"teacher": perplexity(teacher, windows, recipe.eval.batch_size),
+           "student": perplexity(student, windows, recipe.eval.batch_size)}
     timings["eval_s"] = time.perf_counter() - t0
 
     n = teacher_config.num_hidden_layers
     report = {
         "perplexity": ppl,
-        "perplexity_tokens": int(ids.numel()),
+        "perplexity_tokens": sum(len(w) for w in windows),
         "teacher": recipe.teacher,
         "teacher_path": location,
         "teacher_untrained": bool(info.get("untrained", False)),

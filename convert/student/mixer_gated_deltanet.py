@@ -41,7 +41,7 @@ class GatedDeltaNet(Mixer):
             self.A_log.copy_(torch.log(torch.linspace(1.0, 16.0, H)))
             self.norm.weight.fill_(1.0)
 
-    def mix(self, x, position_embeddings, valid, cache):
+    def mix(self, x, position_embeddings, valid, cache, packed=None):
         q, k, v = self.project(x, position_embeddings)
         q = F.normalize(q.float(), dim=-1)
         k = F.normalize(self.expand(k).float(), dim=-1)
@@ -49,5 +49,6 @@ class GatedDeltaNet(Mixer):
         log_decay = -torch.exp(self.A_log.float()) * F.softplus(self.decay_proj(x).float())
         if valid is not None:                                              # padded steps leave S unchanged
             beta, log_decay = beta * valid[..., None], log_decay * valid[..., None]
-        o = self.recurrence("delta", q, k, self.expand(v), log_decay, beta, cache, scale=self.head_dim ** -0.5)
+        o = self.recurrence("delta", q, k, self.expand(v), log_decay, beta, cache,
+                            scale=self.head_dim ** -0.5, packed=packed)
         return self.norm(o)

@@ -38,7 +38,7 @@ class GLA(Mixer):
             self.gate_up.bias.fill_(-math.log(math.expm1(-target)))          # logsigmoid⁻¹(target)
             self.norm.weight.fill_(1.0)
 
-    def mix(self, x, position_embeddings, valid, cache):
+    def mix(self, x, position_embeddings, valid, cache, packed=None):
         q, k, v = self.project(x, position_embeddings)
         B, T, H, D = q.shape
         log_decay = F.logsigmoid(self.gate_up(self.gate_down(x)).float()).view(B, T, H, D) / self.opts["gate_normalizer"]
@@ -46,5 +46,6 @@ class GLA(Mixer):
         if valid is not None:
             log_decay = log_decay * valid[..., None, None]
             k = k * valid[..., None, None].to(k.dtype)
-        o = self.recurrence("decay_vector", q, k, v, log_decay, None, cache, scale=self.head_dim ** -0.5)
+        o = self.recurrence("decay_vector", q, k, v, log_decay, None, cache,
+                            scale=self.head_dim ** -0.5, packed=packed)
         return self.norm(o)

@@ -51,7 +51,7 @@ class Hedgehog(Mixer):
         xw = torch.einsum("bthd,hdf->bthf", x.float(), weight.float())
         return torch.cat([xw.softmax(-1), (-xw).softmax(-1)], dim=-1)
 
-    def mix(self, x, position_embeddings, valid, cache):
+    def mix(self, x, position_embeddings, valid, cache, packed=None):
         q, k, v = self.project(x, position_embeddings)
         ones = torch.ones_like(v[..., :1])
         v1 = torch.cat([v, ones], dim=-1)                                  # [B,T,Hkv,Dv+1]
@@ -61,11 +61,11 @@ class Hedgehog(Mixer):
         if not self.window:
             phi_k = self.feature_map(self.expand(k), self.feature_k)
             o = self.recurrence("decay_scalar", phi_q, phi_k, self.expand(v1).float(),
-                                torch.zeros(phi_q.shape[:3], device=q.device), None, cache, scale=1.0)
+                                torch.zeros(phi_q.shape[:3], device=q.device), None, cache, scale=1.0, packed=packed)
             return o[..., :-1] / (o[..., -1:] + self.opts["eps"])
-        return self._mix_windowed(q, k, v1, phi_q, cache)
+        return self._mix_windowed(q, k, v1, phi_q, cache, packed)
 
-    def _mix_windowed(self, q, k, v1, phi_q, cache):
+    def _mix_windowed(self, q, k, v1, phi_q, cache, packed=None):
         B, T, H, D = q.shape
         W = self.window
         if cache is not None:   # sliding cache keeps the last W-1 keys; returns them + the new ones
@@ -82,7 +82,10 @@ class Hedgehog(Mixer):
         j_pos = torch.arange(N, device=q.device)[None, :]
         in_window = (j_pos <= t_pos) & (j_pos > t_pos - W)
         key_real = v_ext[..., -1].transpose(1, 2)[:, :, None, :] > 0       # [B,H,1,N]
-        scores = scores.masked_fill(~(in_window & key_real), float("-inf"))
+        allowed = in_window & key_real
+        if packed is not None:                                              # no cache: P = 0, N = T
+            allowed = allowed & (packed.seq_idx[:, None, :, None] == packed.seq_idx[:, None, None, :])
+        scores = scores.masked_fill(~allowed, float("-inf"))
         m = scores.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = (scores - m).exp()
@@ -90,7 +93,19 @@ class Hedgehog(Mixer):
         # linear part: keys enter the state once they leave the window (extended position <= t - W)
         state = self.read_state(cache)
         phi_k = self.feature_map(k_ext, self.feature_k)
-        if cache is not None and state is not None and T == 1:
+        if packed is not None:
+            # shifted sequences as below, restarted at each document; a key enters only its own document's state
+            k_sh = torch.cat([torch.zeros_like(phi_k[:, :W]), phi_k], dim=1)[:, :T]
+            v_sh = torch.cat([torch.zeros_like(v_ext[:, :W]), v_ext], dim=1)[:, :T]
+            seq = packed.seq_idx
+            same = torch.zeros_like(seq, dtype=torch.bool)
+            if W < T:
+                same[:, W:] = seq[:, W:] == seq[:, :-W]
+            v_sh = v_sh * same[:, :, None, None].to(v_sh.dtype)
+            lin = self.recurrence("decay_scalar", phi_q, k_sh, v_sh, torch.zeros(B, T, H, device=q.device), None,
+                                  None, scale=1.0, packed=packed)
+            new_state = None
+        elif cache is not None and state is not None and T == 1:
             # the query still sees key N - W in its window; that key enters the state for later steps
             lin = torch.einsum("bthf,bhfv->bthv", phi_q, state)
             leaving = N - W

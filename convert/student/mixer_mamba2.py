@@ -41,7 +41,7 @@ class Mamba2(Mixer):
             self.D_skip.fill_(1.0)
             self.norm.weight.fill_(1.0)
 
-    def mix(self, x, position_embeddings, valid, cache):
+    def mix(self, x, position_embeddings, valid, cache, packed=None):
         q, k, v = self.project(x, position_embeddings)
         dt = F.softplus(self.dt_proj(x).float())                           # [B,T,H]
         if valid is not None:
@@ -49,6 +49,6 @@ class Mamba2(Mixer):
         log_decay = -torch.exp(self.A_log.float()) * dt
         xv = self.expand(v).float()
         y = self.recurrence("decay_scalar", q, self.expand(k), xv * dt[..., None], log_decay, None, cache,
-                            scale=self.head_dim ** -0.5)
+                            scale=self.head_dim ** -0.5, packed=packed)
         y = y.float() + self.D_skip.float()[:, None] * xv
         return self.norm(y)

@@ -61,6 +61,24 @@ class HeadRMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+class PackedSequences:
+    """Documents packed along T: ``seq_idx`` [B, T] numbers the document of each token (per row).
+
+    Built from ``position_ids`` that restart at 0 (transformers' packed-sequence convention) when no
+    attention mask and no cache are given.  Mixers flatten [B, T] to one sequence of B·T tokens and
+    restart their state at every document start (``cu_seqlens`` [n_docs + 1] over B·T; rows are
+    boundaries too), so no token sees another document's state.
+    """
+
+    def __init__(self, seq_idx: torch.Tensor):
+        B, T = seq_idx.shape
+        self.seq_idx = seq_idx
+        starts = torch.ones_like(seq_idx, dtype=torch.bool)
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        bounds = torch.nonzero(starts.reshape(-1)).flatten()
+        self.cu_seqlens = torch.cat([bounds, bounds.new_tensor([B * T])])
+
+
 class Mixer(nn.Module):
     """Base class: projections, RoPE, padding and cache plumbing shared by every mixer.
 
@@ -115,8 +133,16 @@ class Mixer(nn.Module):
             return None
         return attention_mask[:, -T:].float()
 
-    def recurrence(self, op, q, k, v, log_decay, beta, cache, scale):
-        """Run ``op`` over the new tokens from the cached state; write the new state back."""
+    def recurrence(self, op, q, k, v, log_decay, beta, cache, scale, packed: PackedSequences | None = None):
+        """Run ``op`` over the new tokens from the cached state; write the new state back.
+
+        With ``packed`` (no cache), the state restarts at every document start instead.
+        """
+        if packed is not None:
+            B, T = q.shape[:2]
+            flat = [None if x is None else x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, log_decay, beta)]
+            o, _ = run_chunk(op, *flat, cu_seqlens=packed.cu_seqlens, scale=scale)
+            return o.reshape(B, T, *o.shape[2:])
         state = self.read_state(cache)
         if cache is not None and state is not None and q.shape[1] == 1:
             o, new_state = run_step(op, q, k, v, log_decay, beta, initial_state=state, scale=scale)
@@ -131,11 +157,15 @@ class Mixer(nn.Module):
         """(Re)initialise the parameters this mixer adds to the teacher's attention."""
         raise NotImplementedError
 
-    def mix(self, x, position_embeddings, valid, cache) -> torch.Tensor:
-        """x [B,T,hidden] -> mixed values [B,T,H,Dv] before the output projection."""
+    def mix(self, x, position_embeddings, valid, cache, packed=None) -> torch.Tensor:
+        """x [B,T,hidden] -> mixed values [B,T,H,Dv] before the output projection.
+
+        ``valid`` [B,T] marks real tokens (padding), ``packed`` the document boundaries of packed rows.
+        """
         raise NotImplementedError
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        valid = self.valid_mask(attention_mask, hidden_states.shape[1])
-        o = self.mix(hidden_states, position_embeddings, valid, cache)
+        packed = attention_mask if isinstance(attention_mask, PackedSequences) else None
+        valid = None if packed is not None else self.valid_mask(attention_mask, hidden_states.shape[1])
+        o = self.mix(hidden_states, position_embeddings, valid, cache, packed)
         return self.arch.output(self.attn, o.to(hidden_states.dtype)), None

