@@ -20,7 +20,7 @@ import torch
 
 Tensor = torch.Tensor
 
-DEFAULT_CHUNK = {"decay_scalar": 64, "decay_vector": 16, "delta": 64}
+DEFAULT_CHUNK = {"decay_scalar": 64, "decay_vector": 64, "delta": 32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,40 +81,85 @@ def run_varlen(fn, q, k, v, log_decay, beta, initial_state, output_final_state, 
 def _masked_decay(b: Tensor, strict: bool) -> Tensor:
     """exp(b_i - b_j) for j <= i (j < i if strict), 0 elsewhere; b [..., C] cumulative log decay."""
     C = b.shape[-1]
-    mask = torch.ones(C, C, dtype=torch.bool, device=b.device).tril(-1 if strict else 0)
-    diff = b[..., :, None] - b[..., None, :]
-    return torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
+    keep = torch.ones(C, C, dtype=torch.bool, device=b.device).tril(-1 if strict else 0)
+    # mask before exp: exp(b_i - b_j) for j > i can overflow, and inf · 0 in the backward would be NaN
+    return (b[..., :, None] - b[..., None, :]).masked_fill(~keep, float("-inf")).exp()
+
+
+STATE_BLOCK = 16        # chunks whose entering states are computed at once (one [n, n] matmul per block)
+SAFE_LOG_RANGE = 60.0   # a chunk whose cumulative log decay spans less than this uses the factored form
+
+
+def _chunk_states(b_last: Tensor, U: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """States entering each chunk of the recurrence S_n = diag(e^{b_last[n]}) S_{n-1} + U_n.
+
+    b_last [B,H,N] (scalar decay) or [B,H,N,Dk]; U [B,H,N,Dk,Dv]; S [B,H,Dk,Dv] entering chunk 0.
+    Within blocks of STATE_BLOCK chunks, S_in[n] = e^{c_n} S + Σ_{m<n} e^{c_n - c_m - b_last[m] ...} is one
+    matmul: with c = cumsum(b_last) (inclusive) and c' = c - b_last (exclusive),
+    S_in[n] = e^{c'_n} S + Σ_{m<n} e^{c'_n - c_m} U_m, every exponent <= 0.  Returns (S_in [B,H,N,Dk,Dv], S_out).
+    """
+    vector = b_last.dim() == 4
+    N = U.shape[2]
+    out = []
+    for lo in range(0, N, STATE_BLOCK):
+        bl, u = b_last[:, :, lo:lo + STATE_BLOCK], U[:, :, lo:lo + STATE_BLOCK]
+        n = u.shape[2]
+        c = bl.cumsum(2)
+        c_excl = c - bl
+        strict = torch.ones(n, n, dtype=torch.bool, device=U.device).tril(-1)
+        if vector:                                                    # [B,H,n,m,Dk]
+            diff = c_excl[:, :, :, None, :] - c[:, :, None, :, :]
+            W = torch.where(strict[..., None], diff, torch.full_like(diff, float("-inf"))).exp()
+            s_in = (W.permute(0, 1, 4, 2, 3) @ u.transpose(2, 3)).transpose(2, 3)   # [B,H,n,Dk,Dv]
+            s_in = s_in + c_excl.exp()[..., None] * S[:, :, None]
+            S = s_in[:, :, -1] * bl[:, :, -1].exp()[..., None] + u[:, :, -1]
+        else:                                                         # [B,H,n,m]
+            diff = c_excl[..., :, None] - c[..., None, :]
+            W = torch.where(strict, diff, torch.full_like(diff, float("-inf"))).exp()
+            s_in = (W @ u.flatten(-2)).view_as(u) + c_excl.exp()[..., None, None] * S[:, :, None]
+            S = s_in[:, :, -1] * bl[:, :, -1].exp()[..., None, None] + u[:, :, -1]
+        out.append(s_in)
+    return torch.cat(out, dim=2), S
 
 
 def _scan_scalar(q, k, v, g, beta, S):
     b = g.cumsum(-1)                                              # [B,H,N,C]
     o_intra = ((q @ k.transpose(-1, -2)) * _masked_decay(b, strict=False)) @ v
     b_last = b[..., -1]                                           # [B,H,N]
-    q_dec = q * b.exp()[..., None]
     chunk_kv = (k * (b_last[..., None] - b).exp()[..., None]).transpose(-1, -2) @ v   # [B,H,N,Dk,Dv]
-    o_inter = []
-    for n in range(q.shape[2]):
-        o_inter.append(q_dec[:, :, n] @ S)
-        S = S * b_last[:, :, n, None, None].exp() + chunk_kv[:, :, n]
-    return o_intra + torch.stack(o_inter, dim=2), S
+    S_in, S = _chunk_states(b_last, chunk_kv, S)
+    return o_intra + (q * b.exp()[..., None]) @ S_in, S
+
+
+def _intra_vector(q, k, b):
+    """A[t, j] = Σ_c q_tc k_jc e^{b_tc - b_jc} (j <= t) for [B,H,N,C,Dk] inputs.
+
+    Where a chunk's cumulative log decay spans < SAFE_LOG_RANGE the factors e^{b_t} (<= 1) and
+    e^{-b_j} (<= e^{range}) stay finite and A is one matmul; other chunks use the exact
+    [C, C, Dk] form (strong decay), so no input can overflow.
+    """
+    C = b.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()
+    span = -b[..., -1, :].amin(-1)                                # [B,H,N]: b is non-increasing, b_0 <= 0
+    safe = span < SAFE_LOG_RANGE
+    A = ((q * b.exp()) @ (k * torch.where(safe[..., None, None], -b, torch.zeros_like(b)).exp()).transpose(-1, -2))
+    A = A.masked_fill(~causal, 0.0)
+    if not bool(safe.all()):
+        idx = (~safe).nonzero(as_tuple=True)
+        qb, kb, bb = q[idx], k[idx], b[idx]                       # [M,C,Dk]
+        diff = bb[:, :, None, :] - bb[:, None, :, :]
+        decay = torch.where(causal[..., None], diff, torch.full_like(diff, float("-inf"))).exp()
+        A[idx] = (decay * qb[:, :, None, :] * kb[:, None, :, :]).sum(-1)
+    return A
 
 
 def _scan_vector(q, k, v, g, beta, S):
     b = g.cumsum(-2)                                              # [B,H,N,C,Dk]
-    C = b.shape[-2]
-    mask = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()[..., None]
-    diff = b[..., :, None, :] - b[..., None, :, :]                # [B,H,N,C,C,Dk]
-    decay = torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
-    scores = torch.einsum("bhnid,bhnjd,bhnijd->bhnij", q, k, decay)
-    o_intra = scores @ v
+    o_intra = _intra_vector(q, k, b) @ v
     b_last = b[..., -1, :]                                        # [B,H,N,Dk]
-    q_dec = q * b.exp()
     chunk_kv = (k * (b_last[..., None, :] - b).exp()).transpose(-1, -2) @ v
-    o_inter = []
-    for n in range(q.shape[2]):
-        o_inter.append(q_dec[:, :, n] @ S)
-        S = S * b_last[:, :, n, :, None].exp() + chunk_kv[:, :, n]
-    return o_intra + torch.stack(o_inter, dim=2), S
+    S_in, S = _chunk_states(b_last, chunk_kv, S)
+    return o_intra + (q * b.exp()) @ S_in, S
 
 
 def _scan_delta(q, k, v, g, beta, S):
@@ -129,14 +174,16 @@ def _scan_delta(q, k, v, g, beta, S):
     Wk = T_inv @ ((beta * b.exp())[..., None] * k)
     A_qk = (q @ k.transpose(-1, -2)) * _masked_decay(b, strict=False)
     b_last = b[..., -1]
-    q_dec = q * b.exp()[..., None]
     k_dec = (k * (b_last[..., None] - b).exp()[..., None]).transpose(-1, -2)   # [B,H,N,Dk,C]
-    outs = []
+    # only the state recurrence is sequential; outputs are one batched matmul over all chunks after it
+    W_all, S_in = [], []
     for n in range(q.shape[2]):
+        S_in.append(S)
         W = U[:, :, n] - Wk[:, :, n] @ S
-        outs.append(q_dec[:, :, n] @ S + A_qk[:, :, n] @ W)
+        W_all.append(W)
         S = S * b_last[:, :, n, None, None].exp() + k_dec[:, :, n] @ W
-    return torch.stack(outs, dim=2), S
+    S_in, W_all = torch.stack(S_in, dim=2), torch.stack(W_all, dim=2)
+    return (q * b.exp()[..., None]) @ S_in + A_qk @ W_all, S
 
 
 _SCANS = {"decay_scalar": _scan_scalar, "decay_vector": _scan_vector, "delta": _scan_delta}

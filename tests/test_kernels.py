@@ -1,10 +1,15 @@
-"""Chunked PyTorch forms and decode steps against the fp32 reference recurrences."""
+"""Chunked forms (PyTorch and Triton) and decode steps against the fp32 reference recurrences.
+
+The Triton kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set in conftest
+before triton compiles anything): the same kernels, checked on small shapes.
+"""
 import pytest
 import torch
 
 from kernels import decay_scalar, decay_vector, delta
 
 OPS = {"decay_scalar": decay_scalar, "decay_vector": decay_vector, "delta": delta}
+BACKENDS = ["torch", "triton"]
 
 
 def make_inputs(op, B=2, T=37, H=4, Hkv=None, Dk=16, Dv=24, dtype=torch.float32, strong=False, seed=0):
@@ -26,23 +31,28 @@ def call(fn, args, **kw):
     return fn(*args, **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("T", [1, 37, 64, 130])
-def test_chunk_matches_naive_outputs_and_state(op, T):
+def test_chunk_matches_naive_outputs_and_state(op, T, backend):
     args = make_inputs(op, T=T)
     S0 = torch.randn(2, 4, 16, 24)
     o_ref, s_ref = OPS[op].naive(*args, initial_state=S0, output_final_state=True)
-    o, s = OPS[op].chunk(*args, initial_state=S0, output_final_state=True)
+    o, s = OPS[op].chunk(*args, initial_state=S0, output_final_state=True, backend=backend)
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("strong", [False, True], ids=["weak-decay", "strong-decay"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_chunk_gradients_match_naive(op):
-    args = [a.double().requires_grad_() for a in make_inputs(op, T=21, B=1, H=2, Dk=8, Dv=8)]
-    S0 = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+def test_chunk_gradients_match_naive(op, backend, strong):
+    """dq, dk, dv, d log_decay, dβ and d initial_state, with GQA heads and T not a multiple of the chunk;
+    strong decay (log decay down to -8 per step) takes the overflow-safe paths and must not give NaN."""
+    args = [a.double().requires_grad_() for a in make_inputs(op, T=45, B=2, H=4, Hkv=2, Dk=8, Dv=12, strong=strong)]
+    S0 = torch.randn(2, 4, 8, 12, dtype=torch.float64, requires_grad=True)
     grads = []
-    for fn in (OPS[op].naive, OPS[op].chunk):
+    for fn in (OPS[op].naive, lambda *a, **k: OPS[op].chunk(*a, backend=backend, **k)):
         o, s = fn(*args, initial_state=S0, output_final_state=True)
         (o.float().square().sum() + s.square().sum()).backward()
         grads.append([a.grad.clone() for a in args] + [S0.grad.clone()])
@@ -52,38 +62,41 @@ def test_chunk_gradients_match_naive(op):
         torch.testing.assert_close(g.float(), g_ref.float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_continuation_equals_one_call(op):
+def test_continuation_equals_one_call(op, backend):
     args = make_inputs(op, T=50)
-    o_all, s_all = OPS[op].chunk(*args, output_final_state=True)
+    o_all, s_all = OPS[op].chunk(*args, output_final_state=True, backend=backend)
     first = [a[:, :23] for a in args]
     second = [a[:, 23:] for a in args]
-    o1, s1 = OPS[op].chunk(*first, output_final_state=True)
-    o2, s2 = OPS[op].chunk(*second, initial_state=s1, output_final_state=True)
+    o1, s1 = OPS[op].chunk(*first, output_final_state=True, backend=backend)
+    o2, s2 = OPS[op].chunk(*second, initial_state=s1, output_final_state=True, backend=backend)
     torch.testing.assert_close(torch.cat([o1, o2], 1), o_all, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s2, s_all, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_recurrent_steps_equal_chunk(op):
-    args = make_inputs(op, T=12)
-    o_ref, s_ref = OPS[op].chunk(*args, output_final_state=True)
+def test_recurrent_steps_equal_chunk(op, backend):
+    args = make_inputs(op, T=12, Hkv=2, Dv=80)    # GQA, and Dv spanning two column blocks of the Triton step
+    o_ref, s_ref = OPS[op].naive(*args, output_final_state=True)
     state, outs = None, []
     for t in range(12):
-        o, state = OPS[op].recurrent_step(*[a[:, t:t + 1] for a in args], initial_state=state)
+        o, state = OPS[op].recurrent_step(*[a[:, t:t + 1] for a in args], initial_state=state, backend=backend)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), o_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state, s_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_varlen_equals_separate_calls_with_gradients(op):
+def test_varlen_equals_separate_calls_with_gradients(op, backend):
     lens = [5, 17, 9]
     full = make_inputs(op, B=1, T=sum(lens))
     full = [a.requires_grad_() for a in full]
     cu = torch.tensor([0, 5, 22, 31])
     S0 = torch.randn(3, 4, 16, 24)
-    o, s = OPS[op].chunk(*full, initial_state=S0, output_final_state=True, cu_seqlens=cu)
+    o, s = OPS[op].chunk(*full, initial_state=S0, output_final_state=True, cu_seqlens=cu, backend=backend)
     o.square().sum().backward()
     packed_grads = [a.grad.clone() for a in full]
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
@@ -96,23 +109,33 @@ def test_varlen_equals_separate_calls_with_gradients(op):
             torch.testing.assert_close(g_packed[:, a:b], x.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("D", [16, 32, 64])
-def test_head_dims_and_gqa(op, D):
+def test_head_dims_and_gqa(op, D, backend):
     args = make_inputs(op, T=20, H=4, Hkv=2, Dk=D, Dv=D, B=1)
     o_ref, _ = OPS[op].naive(*args)
-    o, _ = OPS[op].chunk(*args)
+    o, _ = OPS[op].chunk(*args, backend=backend)
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_bf16_inputs_close_to_fp32_reference(op):
+def test_bf16_inputs_close_to_fp32_reference(op, backend):
+    """bf16 inputs, fp32 state: outputs and every gradient within 2e-2 relative of the fp32 reference."""
     args = make_inputs(op, T=40)
-    o_ref, _ = OPS[op].naive(*args)
-    o, _ = OPS[op].chunk(*[a.bfloat16() for a in args])
-    assert o.dtype == torch.bfloat16
-    rel = (o.float() - o_ref).norm() / o_ref.norm()
-    assert rel < 2e-2
+    ref = [a.clone().requires_grad_() for a in args]
+    low = [a.bfloat16().requires_grad_() for a in args]
+    o_ref, _ = OPS[op].naive(*ref)
+    o, s = OPS[op].chunk(*low, output_final_state=True, backend=backend)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert rel(o, o_ref) < 2e-2
+    do = torch.randn_like(o_ref)
+    (o_ref * do).sum().backward()
+    (o.float() * do).sum().backward()
+    for a, b in zip(low, ref):
+        assert a.grad.dtype == torch.bfloat16 and rel(a.grad, b.grad) < 2e-2
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -131,6 +154,32 @@ def test_bad_shapes_name_the_argument():
         delta.chunk(q, k, v, g, None)
     with pytest.raises(ValueError, match="T == 1"):
         decay_scalar.recurrent_step(q, k, v, g)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    args = make_inputs("delta", T=4)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="backend='triton' on CPU tensors needs TRITON_INTERPRET=1"):
+        delta.chunk(*args, backend="triton")
+
+
+def test_default_backend_is_torch_on_cpu_and_triton_on_cuda(monkeypatch):
+    from kernels.dispatch import select_backend
+    monkeypatch.delenv("RNNIFY_KERNELS_BACKEND", raising=False)
+    assert select_backend("delta", torch.zeros(1), None) == "torch"
+    monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "triton")
+    assert select_backend("delta", torch.zeros(1), None) == "triton"
+    assert select_backend("delta", torch.zeros(1), "torch") == "torch"     # the argument wins
+
+
+def test_triton_step_updates_the_state_in_place():
+    args = make_inputs("decay_vector", T=1)
+    state = torch.randn(2, 4, 16, 24)
+    before = state.clone()
+    _, new = decay_vector.recurrent_step(*args, initial_state=state, backend="triton")
+    assert new.data_ptr() == state.data_ptr() and not torch.equal(state, before)
+    _, ref = decay_vector.recurrent_step(*args, initial_state=before, backend="torch")
+    torch.testing.assert_close(state, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_backend_choice_argument_and_environment(monkeypatch):

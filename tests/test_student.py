@@ -185,3 +185,25 @@ def test_packed_rows_equal_separate_documents(arch, mixer):
         unpacked = student(ids, use_cache=False).logits
     assert (packed - alone).abs().max().item() <= 1e-4
     assert (unpacked - alone).abs().max().item() > 1e-3    # without the boundaries, documents do leak
+
+
+@pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_student_on_triton_kernels_matches_torch_kernels(mixer, monkeypatch):
+    """The mixers run on the Triton kernels (interpreted on CPU here): same logits, training gradients and decode."""
+    student = randomize_mixers(convert(make_teacher("llama"), mixer, [0, 2]))
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", backend)
+        student.zero_grad()
+        logits = student(ids, use_cache=False).logits
+        logits.logsumexp(-1).mean().backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            stepped = prefill_then_decode_logits(student, ids, split=7)
+        results[backend] = (logits.detach(), grads, stepped)
+    (l_t, g_t, s_t), (l_x, g_x, s_x) = results["torch"], results["triton"]
+    assert (l_t - l_x).abs().max().item() <= 1e-4 and (s_t - s_x).abs().max().item() <= 1e-4
+    for name, g in g_t.items():
+        err = (g_x[name] - g).abs().max().item()
+        assert err <= 1e-4 * max(1.0, g.abs().max().item()), (name, err, g.abs().max().item())
