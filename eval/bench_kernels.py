@@ -120,7 +120,7 @@ def bench_op(op, shapes, device, dtype, repeats, naive_max_t):
 
 
 def print_table(op, rows, device, dtype):
-    print(f"\n### {op} ({device}, {str(dtype).removeprefix('torch.')}; ratios = forward speed-up of the row "
+    print(f"\n#### {op} ({device}, {str(dtype).removeprefix('torch.')}; ratios = forward speed-up of the row "
           f"over the named baseline, > 1 is faster)\n")
     print("| shape (B, H, T, D) | backend | fwd ms | fwd+bwd ms | TFLOP/s | GB/s | × naive | × naive fwd+bwd "
           "| × torch chunk | × SDPA |")

@@ -198,3 +198,19 @@ def test_our_kernels_package_is_not_hugging_face_kernels():
     from transformers.utils.import_utils import is_kernels_available
     assert kernels.RNNIFY_KERNELS is True
     assert not is_kernels_available()
+
+
+def test_benchmark_prints_one_table_per_op_with_ratios(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "eval" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--device", "cpu", "--T", "48", "--D", "16", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for op in OPS:
+        assert f"#### {op} (cpu, float32" in out
+    assert "| × naive | × naive fwd+bwd | × torch chunk | × SDPA |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| (1, 4, 48, 16)")]
+    assert len(rows) == 3 * 3 and all(line.count("|") == 11 for line in rows)   # naive, torch chunk, sdpa per op
