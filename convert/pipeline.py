@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from distill.data import DataError, document_windows, load_documents, tokenize_documents
+from distill.attention_transfer import train_attention_transfer
+from distill.data import DataError, document_windows, load_documents, pack_documents, take_tokens, tokenize_documents
 from eval.perplexity import perplexity
 
 from .convert import convert, save_student
@@ -81,7 +82,40 @@ def validate(recipe_path: str, overrides: list[str] = ()):
     config = load_teacher_config(location, recipe_path)
     layers = check_against_teacher(recipe, config, recipe_path)
     heldout_documents(recipe, recipe_path)
+    if recipe.stages:   # every stage's data and token budget, before any weights load
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        for i in range(len(recipe.stages)):
+            stage_rows(recipe, i, tokenizer, recipe_path)
     return recipe, resolved, location, config, layers
+
+
+def stage_rows(recipe: Recipe, i: int, tokenizer, source: str):
+    """Training rows of stage ``i`` (its data, packed at its seq_len, cut to its token budget) and held-out rows."""
+    stage = recipe.stages[i]
+    docs = load_text(recipe, stage.data, f"stages[{i}].data", source, builtin_split="train", hub_split="train")
+    try:
+        rows = take_tokens(pack_documents(tokenize_documents(docs, tokenizer), stage.seq_len, seed=recipe.seed),
+                           stage.tokens, source=stage.data.source)
+        held = None
+        if stage.eval_rows:
+            held = take_tokens(pack_documents(tokenize_documents(heldout_documents(recipe, source), tokenizer),
+                                              stage.seq_len, seed=recipe.seed),
+                               stage.eval_rows * stage.seq_len, source=recipe.eval.text.source)
+    except DataError as e:
+        raise RecipeError(f"{source}: stages[{i}].tokens: {e}") from None
+    return rows, held
+
+
+def run_attention_transfer(student, stage, rows, held, out_dir: Path, recipe: Recipe, device: str) -> dict:
+    return train_attention_transfer(
+        student, rows, out_dir=out_dir, lr=stage.lr, batch_size=stage.batch_size, seed=recipe.seed,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps, lr_schedule=stage.lr_schedule,
+        warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
+        mixed_precision=stage.mixed_precision, cpu=device == "cpu", eval_rows=held, log_every=stage.log_every)
+
+
+STAGE_RUNNERS = {"attention_transfer": run_attention_transfer}   # stage name -> how the pipeline runs it
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -113,15 +147,33 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
 
     t0 = time.perf_counter()
     student = convert(teacher, recipe.convert.mixer.model_dump(), layers)
-    save_student(student, out / "student", tokenizer, teacher.generation_config)
-    timings["convert_and_save_s"] = time.perf_counter() - t0
+    timings["convert_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     windows = document_windows(tokenize_documents(heldout_documents(recipe, recipe_path), tokenizer),
                                recipe.eval.seq_len, recipe.eval.max_tokens)
     ppl = {"teacher": perplexity(teacher, windows, recipe.eval.batch_size),
-           "student": perplexity(student, windows, recipe.eval.batch_size)}
+           "student_after_init": perplexity(student, windows, recipe.eval.batch_size)}
     timings["eval_s"] = time.perf_counter() - t0
+    generation_config = teacher.generation_config
+    del teacher   # from here on the teacher is the student's own attention (teacher_attention())
+
+    stages = []
+    for i, stage in enumerate(recipe.stages):
+        rows, held = stage_rows(recipe, i, tokenizer, recipe_path)
+        log.info("stage %d (%s): %d rows of %d tokens", i, stage.name, len(rows), stage.seq_len)
+        summary = STAGE_RUNNERS[stage.name](student, stage, rows, held, out / "stages" / f"{i}-{stage.name}",
+                                            recipe, device)
+        student.eval()
+        t0 = time.perf_counter()
+        summary["perplexity"] = perplexity(student, windows, recipe.eval.batch_size)
+        timings[f"eval_after_stage_{i}_s"] = time.perf_counter() - t0
+        stages.append(summary)
+    ppl["student"] = stages[-1]["perplexity"] if stages else ppl["student_after_init"]
+
+    t0 = time.perf_counter()
+    save_student(student, out / "student", tokenizer, generation_config)
+    timings["save_s"] = time.perf_counter() - t0
 
     n = teacher_config.num_hidden_layers
     report = {
@@ -133,7 +185,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         "mixer": recipe.convert.mixer.model_dump(),
         "mixer_layers": layers,
         "attention_layers": [i for i in range(n) if i not in layers],
-        "stages": [],
+        "stages": stages,
         "recipe_hash": digest,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "student_path": str((out / "student").resolve()),
@@ -154,8 +206,14 @@ def print_summary(report: dict) -> None:
     table.add_column("model")
     table.add_column("held-out perplexity", justify="right")
     table.add_column("ratio to teacher", justify="right")
-    table.add_row("teacher", f"{ppl['teacher']:.3f}", "1.00x")
-    table.add_row("student (after init)", f"{ppl['student']:.3f}", f"{ppl['student'] / ppl['teacher']:.2f}x")
+    table.add_column("tokens", justify="right")
+    table.add_column("wall", justify="right")
+    table.add_row("teacher", f"{ppl['teacher']:.3f}", "1.00x", "", "")
+    table.add_row("student after init", f"{ppl['student_after_init']:.3f}",
+                  f"{ppl['student_after_init'] / ppl['teacher']:.2f}x", "", "")
+    for i, stage in enumerate(report["stages"]):
+        table.add_row(f"after stage {i} ({stage['name']})", f"{stage['perplexity']:.3f}",
+                      f"{stage['perplexity'] / ppl['teacher']:.2f}x", f"{stage['tokens']:,}", f"{stage['wall_s']:.0f} s")
     console = Console()
     console.print(table)
     if report["teacher_untrained"]:

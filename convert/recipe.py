@@ -171,12 +171,34 @@ class EvalSection(_Strict):
     batch_size: Annotated[int, Field(gt=0)] = 4
 
 
-STAGES: dict[str, type[BaseModel]] = {}   # stage name -> its recipe section; filled as stages land
+class AttentionTransferStage(_Strict):
+    """Stage 1: train each mixer to reproduce its layer's attention output (teacher frozen, mixers only)."""
+    name: Literal["attention_transfer"]
+    data: TextSource = Field(TextSource(source="builtin:prose"), description="training text (default split: train)")
+    tokens: Annotated[int, Field(gt=0, description="token budget: ceil(tokens / seq_len) packed rows")] = 65536
+    seq_len: Annotated[int, Field(ge=16)] = 512
+    batch_size: Annotated[int, Field(gt=0, description="rows per step and process")] = 4
+    gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
+    lr: Annotated[float, Field(gt=0)] = 1e-2
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_rows: Annotated[int, Field(ge=0, description="held-out rows for the per-layer errors before/after")] = 8
+    log_every: Annotated[int, Field(gt=0)] = 10
+
+    @model_validator(mode="after")
+    def _budget_fills_a_step(self):
+        rows = -(-self.tokens // self.seq_len)
+        if rows < self.batch_size * self.gradient_accumulation_steps:
+            raise ValueError(f"tokens ({self.tokens}) give {rows} rows of {self.seq_len}, fewer than one optimizer "
+                             f"step (batch_size {self.batch_size} x gradient_accumulation_steps "
+                             f"{self.gradient_accumulation_steps})")
+        return self
 
 
-class StageSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str
+STAGES: dict[str, type[BaseModel]] = {"attention_transfer": AttentionTransferStage}   # stage name -> section
 
 
 class Recipe(_Strict):
@@ -188,7 +210,7 @@ class Recipe(_Strict):
     seed: int = 0
     convert: ConvertSection = Field(default_factory=ConvertSection)
     eval: EvalSection = Field(default_factory=EvalSection)
-    stages: list[StageSpec] = Field(default_factory=list)
+    stages: list[AttentionTransferStage] = Field(default_factory=list)
 
     @field_validator("device")
     @classmethod
@@ -197,13 +219,13 @@ class Recipe(_Strict):
             raise ValueError("must be auto, cpu, cuda[:N], mps or xpu[:N]")
         return device
 
-    @field_validator("stages")
+    @field_validator("stages", mode="before")
     @classmethod
     def _known_stages(cls, stages):
-        for i, s in enumerate(stages):
-            if s.name not in STAGES:
-                have = ", ".join(sorted(STAGES)) or "none yet (use stages: [])"
-                raise ValueError(f"stages[{i}]: stage {s.name!r} does not exist; available: {have}")
+        for i, stage in enumerate(stages if isinstance(stages, list) else []):
+            name = stage.get("name") if isinstance(stage, dict) else None
+            if name not in STAGES:
+                raise ValueError(f"stages[{i}]: stage {name!r} does not exist; available: {', '.join(sorted(STAGES))}")
         return stages
 
 
@@ -245,6 +267,8 @@ def _model_at(loc: list[str]):
     """The pydantic model at a validation-error location (a mixer tag in ``loc`` selects that mixer)."""
     model: Any = Recipe
     for part in loc:
+        if part.isdigit():   # a list index (stages[i]) stays on the list's item model
+            continue
         if part in MIXER_OPTION_MODELS:
             model = MIXER_OPTION_MODELS[part]
             continue

@@ -18,7 +18,7 @@ def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     env = {**os.environ, "RNNIFY_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
-                          f"output_dir={tmp / 'out'}", "stages=[]", "eval.max_tokens=2048"],
+                          f"output_dir={tmp / 'out'}", "eval.max_tokens=2048"],
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "out", res
@@ -33,6 +33,21 @@ def test_run_writes_report_with_teacher_and_student_perplexity(run_dir):
     assert Path(report["teacher_path"], "config.json").is_file()
     assert report["mixer_layers"] == [1, 2, 3] and report["attention_layers"] == [0]
     assert "held-out perplexity" in res.stdout
+
+
+def test_run_trains_the_recipe_stages_and_reports_each(run_dir):
+    out, res = run_dir
+    report = json.loads((out / "report.json").read_text())
+    (stage,) = report["stages"]
+    assert stage["name"] == "attention_transfer" and stage["tokens"] == 4096 and stage["steps"] == 8
+    assert math.isfinite(stage["perplexity"]) and report["perplexity"]["student"] == stage["perplexity"]
+    assert "student_after_init" in report["perplexity"]
+    folder = out / "stages" / "0-attention_transfer"
+    assert len((folder / "log.jsonl").read_text().splitlines()) == 8
+    errors = json.loads((folder / "layer_errors.json").read_text())
+    assert sorted(errors) == ["1", "2", "3"] and errors["1"]["after"]["relative_mse"] >= 0
+    assert (folder / "loss.png").stat().st_size > 1000
+    assert "after stage 0" in res.stdout
 
 
 def test_run_saves_resolved_recipe_with_hash(run_dir):

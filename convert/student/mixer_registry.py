@@ -99,6 +99,7 @@ class Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = arch.heads(config)
         self.opts = {**self.options, **{k: v for k, v in options.items() if k != "type"}}
+        self.teacher_mode, self.capture = False, None   # set by RnnifyForCausalLM.teacher_attention()
 
     @classmethod
     def cache_layer_type(cls, options: dict) -> str:
@@ -165,6 +166,12 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        if self.teacher_mode:   # the replaced attention itself (distillation targets, teacher logits)
+            out, weights = self.attn(hidden_states, position_embeddings=position_embeddings,
+                                     attention_mask=attention_mask, **kwargs)
+            if self.capture is not None:
+                self.capture[self.layer_idx] = (hidden_states, out)
+            return out, weights
         packed = attention_mask if isinstance(attention_mask, PackedSequences) else None
         valid = None if packed is not None else self.valid_mask(attention_mask, hidden_states.shape[1])
         o = self.mix(hidden_states, position_embeddings, valid, cache, packed)

@@ -9,6 +9,8 @@ keys, kept softmax layers keep their usual KV cache.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -28,7 +30,7 @@ from .mixer_gla import GLA  # noqa: F401
 from .mixer_hedgehog import Hedgehog  # noqa: F401
 from .mixer_mamba2 import Mamba2  # noqa: F401
 from .arch_registry import get_architecture
-from .configuration_rnnify import RnnifyConfig
+from .configuration_rnnify import RnnifyConfig, attention_layer_types
 from .mixer_registry import Mixer, PackedSequences, get_mixer
 
 _ATTENTION_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -67,7 +69,34 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         for i in config.mixer_layers:
             block = self.model.layers[i]
             block.self_attn = mixer_cls(block.self_attn, arch, teacher_config, config.mixer, i)
+        self._teacher_config = teacher_config
+        self._teacher_layer_types = attention_layer_types(teacher_config)
+        self._teacher_mode = False
         self.post_init()
+
+    @staticmethod
+    def packed_sequences(position_ids: torch.Tensor) -> PackedSequences | None:
+        """Document boundaries of packed rows from ``position_ids`` [B, T] restarting at 0; None if unpacked."""
+        seq_idx = find_packed_sequence_indices(position_ids)
+        return PackedSequences(seq_idx) if seq_idx is not None else None
+
+    @contextmanager
+    def teacher_attention(self, capture: dict | None = None):
+        """Within this context every converted layer runs the teacher's own attention: the model is the teacher.
+
+        With ``capture`` (a dict), each converted layer i stores ``capture[i] = (attention input, attention
+        output)``, the targets of attention transfer.  No cache is used in this mode.
+        """
+        mixers = [m for m in self.modules() if isinstance(m, Mixer)]
+        self._teacher_mode = True
+        for m in mixers:
+            m.teacher_mode, m.capture = True, capture
+        try:
+            yield self
+        finally:
+            self._teacher_mode = False
+            for m in mixers:
+                m.teacher_mode, m.capture = False, None
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -93,6 +122,8 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             inputs_embeds = base.embed_tokens(input_ids)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        if self._teacher_mode:
+            use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         T = inputs_embeds.shape[1]
@@ -103,13 +134,14 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         # attention masks are made block-diagonal by transformers, mixers restart their state per document
         packed = None
         if attention_mask is None and cache is None and T > 1:
-            seq_idx = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
-            packed = PackedSequences(seq_idx) if seq_idx is not None else None
+            packed = self.packed_sequences(position_ids.expand(inputs_embeds.shape[0], -1))
+        layer_types = self._teacher_layer_types if self._teacher_mode else self.config.layer_types
+        mask_config = self._teacher_config if self._teacher_mode else self.config
         masks = {}
-        for kind in set(self.config.layer_types):
+        for kind in set(layer_types):
             if kind in _ATTENTION_MASKS:
                 masks[kind] = _ATTENTION_MASKS[kind](
-                    config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    config=mask_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                     cache=cache, position_ids=position_ids)
             elif packed is not None:
                 masks[kind] = packed
@@ -119,7 +151,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         hidden = inputs_embeds
         position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
         for i, block in enumerate(base.layers):
-            hidden = block(hidden, attention_mask=masks[self.config.layer_types[i]], position_ids=position_ids,
+            hidden = block(hidden, attention_mask=masks[layer_types[i]], position_ids=position_ids,
                            cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         hidden = base.norm(hidden)
         if cache is not None:
