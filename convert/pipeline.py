@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from distill.attention_transfer import train_attention_transfer
+from distill.distillation import train_distill
+from distill.training import NonFiniteError, TrainOptions
 from distill.data import DataError, document_windows, load_documents, pack_documents, take_tokens, tokenize_documents
 from eval.perplexity import perplexity
 
@@ -98,7 +100,7 @@ def stage_rows(recipe: Recipe, i: int, tokenizer, source: str):
         rows = take_tokens(pack_documents(tokenize_documents(docs, tokenizer), stage.seq_len, seed=recipe.seed),
                            stage.tokens, source=stage.data.source)
         held = None
-        if stage.eval_rows:
+        if getattr(stage, "eval_rows", 0):
             held = take_tokens(pack_documents(tokenize_documents(heldout_documents(recipe, source), tokenizer),
                                               stage.seq_len, seed=recipe.seed),
                                stage.eval_rows * stage.seq_len, source=recipe.eval.text.source)
@@ -107,15 +109,29 @@ def stage_rows(recipe: Recipe, i: int, tokenizer, source: str):
     return rows, held
 
 
-def run_attention_transfer(student, stage, rows, held, out_dir: Path, recipe: Recipe, device: str) -> dict:
-    return train_attention_transfer(
-        student, rows, out_dir=out_dir, lr=stage.lr, batch_size=stage.batch_size, seed=recipe.seed,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps, lr_schedule=stage.lr_schedule,
-        warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
-        mixed_precision=stage.mixed_precision, cpu=device == "cpu", eval_rows=held, log_every=stage.log_every)
+def train_options(stage, recipe: Recipe, device: str) -> TrainOptions:
+    return TrainOptions(lr=stage.lr, batch_size=stage.batch_size, seed=recipe.seed,
+                        gradient_accumulation_steps=stage.gradient_accumulation_steps, lr_schedule=stage.lr_schedule,
+                        warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay,
+                        max_grad_norm=stage.max_grad_norm, mixed_precision=stage.mixed_precision,
+                        cpu=device == "cpu", log_every=stage.log_every)
 
 
-STAGE_RUNNERS = {"attention_transfer": run_attention_transfer}   # stage name -> how the pipeline runs it
+def run_attention_transfer(student, stage, rows, held, out_dir: Path, recipe: Recipe, device: str):
+    summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=train_options(stage, recipe, device),
+                                       eval_rows=held)
+    return student, summary
+
+
+def run_distill(student, stage, rows, held, out_dir: Path, recipe: Recipe, device: str):
+    return train_distill(student, rows, out_dir=out_dir, opts=train_options(stage, recipe, device),
+                         temperature=stage.temperature, kl_weight=stage.kl_weight, ce_weight=stage.ce_weight,
+                         trainable=stage.trainable, lora=stage.lora.model_dump(),
+                         gradient_checkpointing=stage.gradient_checkpointing)
+
+
+# stage name -> how the pipeline runs it: (student, stage, rows, held-out rows, out dir, recipe, device) -> (student, summary)
+STAGE_RUNNERS = {"attention_transfer": run_attention_transfer, "distill": run_distill}
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -162,8 +178,11 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     for i, stage in enumerate(recipe.stages):
         rows, held = stage_rows(recipe, i, tokenizer, recipe_path)
         log.info("stage %d (%s): %d rows of %d tokens", i, stage.name, len(rows), stage.seq_len)
-        summary = STAGE_RUNNERS[stage.name](student, stage, rows, held, out / "stages" / f"{i}-{stage.name}",
-                                            recipe, device)
+        try:
+            student, summary = STAGE_RUNNERS[stage.name](student, stage, rows, held,
+                                                         out / "stages" / f"{i}-{stage.name}", recipe, device)
+        except NonFiniteError as e:
+            raise RecipeError(f"{recipe_path}: stages[{i}]: {e}") from None
         student.eval()
         t0 = time.perf_counter()
         summary["perplexity"] = perplexity(student, windows, recipe.eval.batch_size)

@@ -171,21 +171,19 @@ class EvalSection(_Strict):
     batch_size: Annotated[int, Field(gt=0)] = 4
 
 
-class AttentionTransferStage(_Strict):
-    """Stage 1: train each mixer to reproduce its layer's attention output (teacher frozen, mixers only)."""
-    name: Literal["attention_transfer"]
+class _TrainingStage(_Strict):
+    """What every training stage has: its data, token budget, optimizer and precision."""
     data: TextSource = Field(TextSource(source="builtin:prose"), description="training text (default split: train)")
     tokens: Annotated[int, Field(gt=0, description="token budget: ceil(tokens / seq_len) packed rows")] = 65536
     seq_len: Annotated[int, Field(ge=16)] = 512
     batch_size: Annotated[int, Field(gt=0, description="rows per step and process")] = 4
     gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
-    lr: Annotated[float, Field(gt=0)] = 1e-2
+    lr: Annotated[float, Field(gt=0)] = 1e-3
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    eval_rows: Annotated[int, Field(ge=0, description="held-out rows for the per-layer errors before/after")] = 8
     log_every: Annotated[int, Field(gt=0)] = 10
 
     @model_validator(mode="after")
@@ -198,7 +196,38 @@ class AttentionTransferStage(_Strict):
         return self
 
 
-STAGES: dict[str, type[BaseModel]] = {"attention_transfer": AttentionTransferStage}   # stage name -> section
+class AttentionTransferStage(_TrainingStage):
+    """Stage 1: train each mixer to reproduce its layer's attention output (teacher frozen, mixers only)."""
+    name: Literal["attention_transfer"]
+    lr: Annotated[float, Field(gt=0)] = 1e-2
+    eval_rows: Annotated[int, Field(ge=0, description="held-out rows for the per-layer errors before/after")] = 8
+
+
+class LoraOptions(_Strict):
+    r: Annotated[int, Field(gt=0)] = 8
+    alpha: Annotated[float, Field(gt=0)] = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class DistillStage(_TrainingStage):
+    """Stage 2: end-to-end KL (+ optional CE) against the frozen teacher; LoRA + mixers, or mixers only."""
+    name: Literal["distill"]
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    kl_weight: Annotated[float, Field(ge=0)] = 1.0
+    ce_weight: Annotated[float, Field(ge=0)] = 0.0
+    trainable: Literal["lora", "mixers"] = "lora"
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kl_weight and ce_weight are both 0: nothing to train on")
+        return self
+
+
+STAGES: dict[str, type[BaseModel]] = {"attention_transfer": AttentionTransferStage, "distill": DistillStage}   # stage name -> section
 
 
 class Recipe(_Strict):
@@ -210,7 +239,8 @@ class Recipe(_Strict):
     seed: int = 0
     convert: ConvertSection = Field(default_factory=ConvertSection)
     eval: EvalSection = Field(default_factory=EvalSection)
-    stages: list[AttentionTransferStage] = Field(default_factory=list)
+    stages: list[Annotated[Union[AttentionTransferStage, DistillStage], Field(discriminator="name")]] = \
+        Field(default_factory=list)
 
     @field_validator("device")
     @classmethod
@@ -243,7 +273,7 @@ def _set_dotted(data: dict, dotted: str, raw: str, source: str) -> None:
 
 
 def _format_error(source: str, err: dict) -> str:
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in MIXER_OPTION_MODELS)]
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and (p in MIXER_OPTION_MODELS or p in STAGES))]
     field = ".".join(loc) or "(top level)"
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
@@ -269,8 +299,8 @@ def _model_at(loc: list[str]):
     for part in loc:
         if part.isdigit():   # a list index (stages[i]) stays on the list's item model
             continue
-        if part in MIXER_OPTION_MODELS:
-            model = MIXER_OPTION_MODELS[part]
+        if part in MIXER_OPTION_MODELS or part in STAGES:
+            model = MIXER_OPTION_MODELS.get(part) or STAGES[part]
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:

@@ -13,15 +13,12 @@ Runs on ``accelerate`` (one process, or ``accelerate launch`` for several).
 from __future__ import annotations
 
 import json
-import logging
-import math
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-log = logging.getLogger("rnnify")
+from .training import TrainOptions, train
 
 
 def mixer_modules(student) -> dict[int, nn.Module]:
@@ -42,8 +39,13 @@ class AttentionTransferLoss(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, input_ids, position_ids):
-        """input_ids, position_ids [B, T] (packed rows) -> (mean loss, per-layer MSE [L], per-layer relative MSE [L])."""
+    def forward(self, input_ids, position_ids, labels=None):
+        """input_ids, position_ids [B, T] (packed rows) -> (mean loss, {"layers": {layer: MSE}})."""
+        loss, per_layer, _ = self.per_layer(input_ids, position_ids)
+        return loss, {"layers": {str(i): v for i, v in zip(self.student.config.mixer_layers, per_layer.tolist())}}
+
+    def per_layer(self, input_ids, position_ids):
+        """-> (mean loss, per-layer MSE [L], per-layer relative MSE [L] = MSE / mean(y²))."""
         student = self.student
         capture: dict = {}
         with torch.no_grad(), student.teacher_attention(capture):
@@ -72,7 +74,7 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
     total, total_rel, n = None, None, 0
     for lo in range(0, len(rows), batch_size):
         batch = collate_packed([rows[j] for j in range(lo, min(lo + batch_size, len(rows)))])
-        _, mse, rel = loss_fn(batch["input_ids"].to(device), batch["position_ids"].to(device))
+        _, mse, rel = loss_fn.per_layer(batch["input_ids"].to(device), batch["position_ids"].to(device))
         total = mse if total is None else total + mse
         total_rel = rel if total_rel is None else total_rel + rel
         n += 1
@@ -81,97 +83,24 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
             for j, layer in enumerate(layers)}
 
 
-def train_attention_transfer(student, rows, *, out_dir: Path, lr: float, batch_size: int, seed: int,
-                             gradient_accumulation_steps: int = 1, lr_schedule: str = "cosine",
-                             warmup_steps: int = 0, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                             mixed_precision: str = "no", cpu: bool = True, eval_rows=None,
-                             log_every: int = 10) -> dict:
+def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions, eval_rows=None) -> dict:
     """Train every mixer on its layer's attention output over ``rows`` (packed rows, one pass).
 
-    Writes ``log.jsonl`` (one line per optimizer step), ``layer_errors.json`` and ``loss.png`` into
-    ``out_dir``; returns a summary (steps, tokens, wall time, final loss, per-layer errors before/after).
+    Writes ``log.jsonl``, ``loss.png`` and ``layer_errors.json`` (per layer: MSE and relative MSE on
+    ``eval_rows`` before and after) into ``out_dir``; returns the stage summary.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    from .data import collate_packed
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(seed)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                              gradient_accumulation_steps=gradient_accumulation_steps)
-    trainable = mixer_parameters(student)
-    keep = {id(p) for _, p in trainable}
+    trainable = [p for _, p in mixer_parameters(student)]
+    keep = {id(p) for p in trainable}
     for p in student.parameters():
         p.requires_grad_(id(p) in keep)
-    errors_before = layer_errors(student, eval_rows, batch_size) if eval_rows is not None else None
-
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_packed)
-    steps = math.ceil(len(loader) / gradient_accumulation_steps)
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=lr, weight_decay=weight_decay)
-    scheduler = get_scheduler(lr_schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    errors_before = layer_errors(student, eval_rows, opts.batch_size) if eval_rows is not None else None
     module = AttentionTransferLoss(student)
-    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
-    module.train()
-
-    seq_len = len(rows[0]["input_ids"])
-    history, step, tokens, started = [], 0, 0, time.perf_counter()
-    bar = tqdm(total=steps, desc="attention_transfer", unit="step", disable=not accelerator.is_local_main_process)
-    with open(out_dir / "log.jsonl", "w") as log_file:
-        for batch in loader:
-            with accelerator.accumulate(module):
-                loss, per_layer, _ = module(batch["input_ids"], batch["position_ids"])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"attention_transfer: non-finite loss at step {step}; lower lr ({lr})")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for _, p in trainable], max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            tokens += batch["input_ids"].numel() * accelerator.num_processes
-            if accelerator.sync_gradients:
-                step += 1
-                loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-                record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                          "elapsed_s": round(time.perf_counter() - started, 3),
-                          "layers": {str(i): v for i, v in zip(student.config.mixer_layers, per_layer.tolist())}}
-                history.append(record)
-                log_file.write(json.dumps(record) + "\n")
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
-                bar.update(1)
-                if step % log_every == 0:
-                    log.info("attention_transfer step %d/%d loss %.4g", step, steps, loss_value)
-    bar.close()
-    wall = time.perf_counter() - started
-    student = accelerator.unwrap_model(module).student
+    summary = train(module, trainable, rows, opts, out_dir, "attention_transfer")
     for p in student.parameters():
         p.requires_grad_(False)
-    errors_after = layer_errors(student, eval_rows, batch_size) if eval_rows is not None else None
+    student.eval()
+    errors_after = layer_errors(student, eval_rows, opts.batch_size) if eval_rows is not None else None
     per_layer = {str(i): {"before": errors_before[i] if errors_before else None,
                           "after": errors_after[i] if errors_after else None} for i in student.config.mixer_layers}
     (out_dir / "layer_errors.json").write_text(json.dumps(per_layer, indent=2))
-    _plot_loss(history, out_dir / "loss.png", "attention transfer: mean per-layer MSE")
-    return {"name": "attention_transfer", "steps": step, "tokens": tokens, "seq_len": seq_len,
-            "wall_s": round(wall, 2), "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
-            "final_loss": history[-1]["loss"] if history else None, "layer_errors": per_layer}
-
-
-def _plot_loss(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["tokens"] for r in history], [r["loss"] for r in history])
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return {**summary, "layer_errors": per_layer}

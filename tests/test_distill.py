@@ -2,11 +2,13 @@
 import json
 import math
 
+import pytest
 import torch
 
 from convert.convert import convert
 from distill.attention_transfer import layer_errors, mixer_parameters, train_attention_transfer
 from distill.data import pack_documents
+from distill.training import NonFiniteError, TrainOptions
 from tests.conftest import make_teacher
 
 
@@ -23,8 +25,8 @@ def test_attention_transfer_lowers_every_layer_error_and_trains_only_mixers(tmp_
     frozen = {n: p.clone() for n, p in student.named_parameters()}
     own = {id(p) for _, p in mixer_parameters(student)}
     train, held = rows(), rows(12, seed=1)
-    summary = train_attention_transfer(student, train, out_dir=tmp_path, lr=3e-2, batch_size=4, seed=0,
-                                       eval_rows=held, log_every=1)
+    summary = train_attention_transfer(student, train, out_dir=tmp_path, opts=TrainOptions(lr=3e-2, batch_size=4),
+                                       eval_rows=held)
     assert summary["steps"] == -(-len(train) // 4) and summary["tokens"] == len(train) * 32
     for layer, err in summary["layer_errors"].items():
         assert err["after"]["mse"] < 0.9 * err["before"]["mse"], (layer, err)
@@ -41,3 +43,39 @@ def test_layer_errors_measure_each_converted_layer():
     student = convert(make_teacher("llama"), {"type": "gla"}, [1])
     errors = layer_errors(student, rows(6), batch_size=2)
     assert set(errors) == {1} and errors[1]["mse"] > 0 and math.isfinite(errors[1]["relative_mse"])
+
+
+def test_distill_with_lora_brings_student_closer_to_teacher_and_merges(tmp_path):
+    from distill.distillation import DistillLoss, train_distill
+    teacher = make_teacher("llama")
+    student = convert(teacher, {"type": "hedgehog", "window": 4}, [0, 2])
+    batch = {k: v for k, v in __import__("distill.data", fromlist=["collate_packed"]).collate_packed(
+        [rows(12, seed=1)[i] for i in range(4)]).items()}
+    loss_fn = DistillLoss(student, student, temperature=1.0, kl_weight=1.0, ce_weight=0.0)
+    with torch.no_grad():
+        before = loss_fn(**batch)[0].item()
+    frozen = {n: p.clone() for n, p in student.named_parameters()}
+    student, summary = train_distill(student, rows(80), out_dir=tmp_path, opts=TrainOptions(lr=1e-2, batch_size=4),
+                                     trainable="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    assert summary["lora_parameters"] > 0 and summary["steps"] > 0
+    assert type(student).__name__ == "RnnifyForCausalLM" and not any("lora" in n for n, _ in student.named_parameters())
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, frozen[n])}
+    assert any(n.endswith("q_proj.weight") for n in changed)          # merged adapters moved q_proj
+    assert not any("mlp" in n or "embed" in n for n in changed)       # the rest of the teacher is untouched
+    with torch.no_grad():
+        after = DistillLoss(student, student, 1.0, 1.0, 0.0)(**batch)[0].item()
+    assert after < before
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert {"kl", "ce", "grad_norm"} <= set(json.loads(lines[0]))
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
+    from distill.distillation import train_distill
+    student = convert(make_teacher("llama"), {"type": "gla"}, [1])
+    frozen = {n: p.clone() for n, p in student.named_parameters()}
+    with pytest.raises(NonFiniteError, match=r"distill: the (loss|gradient norm) is (nan|inf).* at step \d+; stopped "
+                                             r"before the optimizer step.*learning rate too high \(lr=1e\+30\)"):
+        train_distill(student, rows(40), out_dir=tmp_path, opts=TrainOptions(lr=1e30, batch_size=4, max_grad_norm=1e30),
+                      trainable="mixers")
+    for name, p in student.named_parameters():
+        assert torch.isfinite(p).all(), name

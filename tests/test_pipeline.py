@@ -38,16 +38,18 @@ def test_run_writes_report_with_teacher_and_student_perplexity(run_dir):
 def test_run_trains_the_recipe_stages_and_reports_each(run_dir):
     out, res = run_dir
     report = json.loads((out / "report.json").read_text())
-    (stage,) = report["stages"]
+    stage, distill = report["stages"]
     assert stage["name"] == "attention_transfer" and stage["tokens"] == 4096 and stage["steps"] == 8
-    assert math.isfinite(stage["perplexity"]) and report["perplexity"]["student"] == stage["perplexity"]
+    assert distill["name"] == "distill" and distill["steps"] == 4 and distill["lora_parameters"] > 0
+    assert math.isfinite(stage["perplexity"]) and report["perplexity"]["student"] == distill["perplexity"]
     assert "student_after_init" in report["perplexity"]
     folder = out / "stages" / "0-attention_transfer"
     assert len((folder / "log.jsonl").read_text().splitlines()) == 8
     errors = json.loads((folder / "layer_errors.json").read_text())
     assert sorted(errors) == ["1", "2", "3"] and errors["1"]["after"]["relative_mse"] >= 0
     assert (folder / "loss.png").stat().st_size > 1000
-    assert "after stage 0" in res.stdout
+    assert "after stage 0" in res.stdout and "after stage 1" in res.stdout
+    assert (out / "stages" / "1-distill" / "loss.png").is_file()
 
 
 def test_run_saves_resolved_recipe_with_hash(run_dir):

@@ -84,8 +84,8 @@ def test_unknown_dtype(tmp_path):
 
 
 def test_stage_that_does_not_exist_is_rejected(tmp_path):
-    msg = error_of(tmp_path, {**BASE, "stages": [{"name": "distill"}]})
-    assert "stages: " in msg and "'distill' does not exist" in msg
+    msg = error_of(tmp_path, {**BASE, "stages": [{"name": "finetune"}]})
+    assert "stages: " in msg and "'finetune' does not exist; available: attention_transfer, distill" in msg
 
 
 def test_bad_layer_range(tmp_path):
@@ -253,13 +253,18 @@ def test_gguf_checksum_mismatch_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("stage, field, message", [
     ({"name": "attention_transfer", "lr": 0}, "stages.0.lr", "greater than 0"),
     ({"name": "attention_transfer", "steps": 10}, "stages.0.steps",
-     "unknown key (allowed here: name, data, tokens, seq_len, batch_size"),
+     "unknown key (allowed here: data, tokens, seq_len, batch_size"),
     ({"name": "attention_transfer", "mixed_precision": "fp8"}, "stages.0.mixed_precision", "'no', 'bf16' or 'fp16'"),
     ({"name": "attention_transfer", "tokens": 100, "seq_len": 64, "batch_size": 4}, "stages.0",
      "tokens (100) give 2 rows of 64, fewer than one optimizer step"),
     ({"name": "attention_transfer", "data": {"source": "builtin:prose", "colum": "x"}}, "stages.0.data.colum",
      "unknown key"),
     ({"name": "attention_transfer", "seq_len": 8}, "stages.0.seq_len", "greater than or equal to 16"),
+    ({"name": "distill", "kl_weight": 0}, "stages.0", "kl_weight and ce_weight are both 0"),
+    ({"name": "distill", "trainable": "everything"}, "stages.0.trainable", "'lora' or 'mixers'"),
+    ({"name": "distill", "lora": {"rank": 4}}, "stages.0.lora.rank", "unknown key (allowed here: r, alpha, dropout"),
+    ({"name": "distill", "temperature": 0}, "stages.0.temperature", "greater than 0"),
+    ({"name": "distill", "eval_rows": 3}, "stages.0.eval_rows", "unknown key (allowed here: data, tokens"),
 ])
 def test_stage_fields(tmp_path, stage, field, message):
     msg = error_of(tmp_path, {**BASE, "stages": [stage]})

@@ -1,0 +1,77 @@
+"""Stage 2, end-to-end distillation: the student's next-token distribution against the frozen teacher's.
+
+    loss = kl_weight · T² · KL(softmax(z_teacher / T) ‖ softmax(z_student / T)) + ce_weight · CE(z_student, next token)
+
+averaged over positions.  The teacher is not a second model: its logits come from the same modules run
+with the original attention (``teacher_attention()``) and, with LoRA, with the adapters disabled, so the
+only extra memory is one set of activations.  Trainable: LoRA adapters (``peft``) on the recipe's target
+modules plus the mixers' own parameters (``trainable: lora``), or the mixers' parameters only
+(``trainable: mixers``).  Adapters are merged into the weights at the end of the stage.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_transfer import mixer_parameters
+from .training import TrainOptions, train
+
+
+class DistillLoss(nn.Module):
+    """One module computing the stage loss (DDP wraps and syncs it)."""
+
+    def __init__(self, model, student, temperature: float, kl_weight: float, ce_weight: float):
+        super().__init__()
+        self.model = model            # the student, or its peft wrapper
+        self.student = student        # the RnnifyForCausalLM inside (teacher_attention lives there)
+        self.temperature, self.kl_weight, self.ce_weight = temperature, kl_weight, ce_weight
+
+    def forward(self, input_ids, position_ids, labels):
+        """[B, T] packed rows -> (loss, {"kl": ..., "ce": ...})."""
+        adapters_off = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+        with torch.no_grad(), adapters_off, self.student.teacher_attention():
+            teacher = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
+        student = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                      reduction="none").sum(-1).mean() * t * t
+        ce = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return self.kl_weight * kl + self.ce_weight * ce, {"kl": kl.detach(), "ce": ce.detach()}
+
+
+def train_distill(student, rows, *, out_dir: Path, opts: TrainOptions, temperature: float = 1.0,
+                  kl_weight: float = 1.0, ce_weight: float = 0.0, trainable: str = "lora", lora: dict | None = None,
+                  gradient_checkpointing: bool = False):
+    """Distil ``student`` end to end over ``rows``; returns (the student, adapters merged; the stage summary)."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    model = student
+    if trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+        lora = lora or {}
+        config = LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
+                            target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+                            bias="none")
+        model = get_peft_model(student, config)
+    own = [p for _, p in mixer_parameters(student)]
+    for p in own:
+        p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    if gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    summary = train(DistillLoss(model, student, temperature, kl_weight, ce_weight), params, rows, opts, out_dir,
+                    "distill")
+    if gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    if trainable == "lora":
+        student = model.merge_and_unload()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    student.eval()
+    summary.update(trainable=trainable, trainable_parameters=sum(p.numel() for p in params), lora_parameters=n_lora)
+    return student, summary

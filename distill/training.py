@@ -1,0 +1,137 @@
+"""The training loop every stage shares: accelerate, AdamW + schedule, progress, JSONL log, loss plot, fail-safe.
+
+A stage hands in a module whose ``forward(input_ids, position_ids, labels)`` returns ``(loss, extras)``
+(``extras``: numbers or 1-D tensors to log) — one module, so that DDP/FSDP wrap and sync it — and the
+parameters to train.  The loop stops before the optimizer step when the loss or the gradient norm is
+not finite, naming the step and the likely causes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("rnnify")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; no optimizer step was taken with it."""
+
+
+@dataclass
+class TrainOptions:
+    lr: float
+    batch_size: int
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    cpu: bool = True
+    log_every: int = 10
+
+
+def _number(x):
+    if isinstance(x, dict):
+        return x
+    return x.tolist() if isinstance(x, torch.Tensor) and x.dim() > 0 else float(x)
+
+
+def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: str) -> dict:
+    """One pass over ``rows`` (packed rows) training ``params`` of ``module``; returns the stage summary.
+
+    Writes ``<out_dir>/log.jsonl`` (one line per optimizer step: loss, lr, tokens, grad norm, extras) and
+    ``<out_dir>/loss.png``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from .data import collate_packed
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(opts.seed)
+    accelerator = Accelerator(cpu=opts.cpu, mixed_precision=opts.mixed_precision,
+                              gradient_accumulation_steps=opts.gradient_accumulation_steps)
+    loader = DataLoader(rows, batch_size=opts.batch_size, shuffle=False, collate_fn=collate_packed)
+    steps = math.ceil(len(loader) / opts.gradient_accumulation_steps)
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = get_scheduler(opts.lr_schedule, optimizer, num_warmup_steps=opts.warmup_steps,
+                              num_training_steps=steps)
+    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    module.train()
+
+    history, step, tokens, started = [], 0, 0, time.perf_counter()
+    bar = tqdm(total=steps, desc=name, unit="step", disable=not accelerator.is_local_main_process)
+    with open(out_dir / "log.jsonl", "w") as log_file:
+        for batch in loader:
+            with accelerator.accumulate(module):
+                loss, extras = module(**batch)
+                if not torch.isfinite(loss.detach()).all():
+                    raise NonFiniteError(_why(name, "loss", loss.item(), step + 1, opts))
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+                    if not torch.isfinite(grad_norm):
+                        raise NonFiniteError(_why(name, "gradient norm", grad_norm.item(), step + 1, opts))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            tokens += batch["input_ids"].numel() * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
+                      "grad_norm": float(grad_norm), "elapsed_s": round(elapsed, 3),
+                      **{k: _number(v) for k, v in extras.items()}}
+            history.append(record)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+            if step % opts.log_every == 0:
+                log.info("%s step %d/%d loss %.4g", name, step, steps, loss_value)
+    bar.close()
+    wall = time.perf_counter() - started
+    plot_loss(history, out_dir / "loss.png", name)
+    return {"name": name, "steps": step, "tokens": tokens, "seq_len": len(rows[0]["input_ids"]),
+            "wall_s": round(wall, 2), "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
+            "final_loss": history[-1]["loss"] if history else None}
+
+
+def _why(name: str, what: str, value: float, step: int, opts: TrainOptions) -> str:
+    causes = [f"learning rate too high (lr={opts.lr:g})"]
+    if opts.mixed_precision == "fp16":
+        causes.append("fp16 overflow (use mixed_precision: bf16)")
+    causes.append("a degenerate batch (check the data)")
+    return (f"{name}: the {what} is {value} at step {step}; stopped before the optimizer step, nothing of this step "
+            f"was applied or saved; likely causes: {'; '.join(causes)}")
+
+
+def plot_loss(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["tokens"] for r in history], [r["loss"] for r in history])
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    if history and min(r["loss"] for r in history) > 0:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
