@@ -147,7 +147,12 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     digest = recipe_hash(resolved)
-    (out / "recipe.resolved.yaml").write_text(f"# recipe hash: {digest}\n" + yaml.safe_dump(resolved, sort_keys=False))
+    from accelerate import PartialState
+    device = resolve_device(recipe.device)
+    # under `accelerate launch`/torchrun every process runs this (CPU: gloo); one of them writes the outputs
+    main = PartialState(cpu=device == "cpu").is_main_process
+    if main:
+        (out / "recipe.resolved.yaml").write_text(f"# recipe hash: {digest}\n" + yaml.safe_dump(resolved, sort_keys=False))
     info = teacher_info(Path(location)) if Path(location).is_dir() else {}
     if info.get("untrained"):
         log.warning("the teacher %s is UNTRAINED (random weights): this run exercises the pipeline; "
@@ -156,7 +161,6 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings = {}
     t0 = time.perf_counter()
     dtype = getattr(torch, recipe.dtype)
-    device = resolve_device(recipe.device)
     teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     timings["load_teacher_s"] = time.perf_counter() - t0
@@ -191,7 +195,8 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     ppl["student"] = stages[-1]["perplexity"] if stages else ppl["student_after_init"]
 
     t0 = time.perf_counter()
-    save_student(student, out / "student", tokenizer, generation_config)
+    if main:
+        save_student(student, out / "student", tokenizer, generation_config)
     timings["save_s"] = time.perf_counter() - t0
 
     n = teacher_config.num_hidden_layers
@@ -209,8 +214,10 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "student_path": str((out / "student").resolve()),
     }
-    _write_json_atomic(out / "report.json", report)
-    print_summary(report)
+    if main:
+        _write_json_atomic(out / "report.json", report)
+        print_summary(report)
+    PartialState().wait_for_everyone()
     return report
 
 

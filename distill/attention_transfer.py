@@ -102,5 +102,7 @@ def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions
     errors_after = layer_errors(student, eval_rows, opts.batch_size) if eval_rows is not None else None
     per_layer = {str(i): {"before": errors_before[i] if errors_before else None,
                           "after": errors_after[i] if errors_after else None} for i in student.config.mixer_layers}
-    (out_dir / "layer_errors.json").write_text(json.dumps(per_layer, indent=2))
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        (out_dir / "layer_errors.json").write_text(json.dumps(per_layer, indent=2))
     return {**summary, "layer_errors": per_layer}

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     module.train()
 
     history, step, tokens, started = [], 0, 0, time.perf_counter()
+    main = accelerator.is_main_process   # one process writes the log and the plot
     bar = tqdm(total=steps, desc=name, unit="step", disable=not accelerator.is_local_main_process)
-    with open(out_dir / "log.jsonl", "w") as log_file:
+    with open(out_dir / "log.jsonl", "w") if main else nullcontext() as log_file:
         for batch in loader:
             with accelerator.accumulate(module):
                 loss, extras = module(**batch)
@@ -97,15 +99,18 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
                       "grad_norm": float(grad_norm), "elapsed_s": round(elapsed, 3),
                       **{k: _number(v) for k, v in extras.items()}}
             history.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            if main:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
             bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             bar.update(1)
             if step % opts.log_every == 0:
                 log.info("%s step %d/%d loss %.4g", name, step, steps, loss_value)
     bar.close()
     wall = time.perf_counter() - started
-    plot_loss(history, out_dir / "loss.png", name)
+    if main:
+        plot_loss(history, out_dir / "loss.png", name)
+    accelerator.wait_for_everyone()
     return {"name": name, "steps": step, "tokens": tokens, "seq_len": len(rows[0]["input_ids"]),
             "wall_s": round(wall, 2), "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
             "final_loss": history[-1]["loss"] if history else None}
