@@ -113,7 +113,15 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     accelerator.wait_for_everyone()
     return {"name": name, "steps": step, "tokens": tokens, "seq_len": len(rows[0]["input_ids"]),
             "wall_s": round(wall, 2), "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
-            "final_loss": history[-1]["loss"] if history else None}
+            "final_loss": history[-1]["loss"] if history else None, "peak_memory_gb": peak_memory_gb(accelerator.device)}
+
+
+def peak_memory_gb(device) -> float:
+    """Peak memory of this process so far: CUDA allocator peak on a GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)   # ru_maxrss is in KiB on Linux
 
 
 def _why(name: str, what: str, value: float, step: int, opts: TrainOptions) -> str:

@@ -79,3 +79,17 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
                       trainable="mixers")
     for name, p in student.named_parameters():
         assert torch.isfinite(p).all(), name
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tmp_path):
+    from distill.distillation import train_distill
+    losses = []
+    for checkpointing in (False, True):
+        student = convert(make_teacher("llama"), {"type": "gated_deltanet"}, [0, 2])
+        _, summary = train_distill(student, rows(24), out_dir=tmp_path / str(checkpointing),
+                                   opts=TrainOptions(lr=1e-2, batch_size=4), trainable="mixers",
+                                   gradient_checkpointing=checkpointing)
+        log = (tmp_path / str(checkpointing) / "log.jsonl").read_text().splitlines()
+        losses.append([json.loads(x)["loss"] for x in log])
+        assert summary["peak_memory_gb"] > 0
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-8)
