@@ -11,7 +11,7 @@ import yaml
 
 from distill.attention_transfer import train_attention_transfer
 from distill.distillation import train_distill
-from distill.training import NonFiniteError, TrainOptions
+from distill.training import NonFiniteError, ResumeError, TrainOptions
 from distill.data import DataError, document_windows, load_documents, pack_documents, take_tokens, tokenize_documents
 from eval.perplexity import perplexity
 
@@ -109,8 +109,19 @@ def stage_rows(recipe: Recipe, i: int, tokenizer, source: str):
     return rows, held
 
 
+def stage_fingerprint(recipe: Recipe, i: int) -> str:
+    """What stage i's result depends on: teacher, conversion, precision, seed, and stages 0..i."""
+    import hashlib
+    part = recipe.model_dump(mode="json", include={"teacher", "convert", "dtype", "seed"})
+    part["stages"] = [s.model_dump(mode="json") for s in recipe.stages[:i + 1]]
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def train_options(stage, recipe: Recipe, device: str) -> TrainOptions:
+    i = next(j for j, s in enumerate(recipe.stages) if s is stage)
     return TrainOptions(lr=stage.lr, batch_size=stage.batch_size, seed=recipe.seed,
+                        checkpoint_every=stage.checkpoint_every, keep_checkpoints=stage.keep_checkpoints,
+                        fingerprint=stage_fingerprint(recipe, i),
                         gradient_accumulation_steps=stage.gradient_accumulation_steps, lr_schedule=stage.lr_schedule,
                         warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay,
                         max_grad_norm=stage.max_grad_norm, mixed_precision=stage.mixed_precision,
@@ -185,7 +196,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         try:
             student, summary = STAGE_RUNNERS[stage.name](student, stage, rows, held,
                                                          out / "stages" / f"{i}-{stage.name}", recipe, device)
-        except NonFiniteError as e:
+        except (NonFiniteError, ResumeError) as e:
             raise RecipeError(f"{recipe_path}: stages[{i}]: {e}") from None
         student.eval()
         t0 = time.perf_counter()

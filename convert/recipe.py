@@ -185,6 +185,8 @@ class _TrainingStage(_Strict):
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: Annotated[int, Field(gt=0)] = 10
+    checkpoint_every: Annotated[int, Field(ge=0, description="optimizer steps between checkpoints; 0: none")] = 25
+    keep_checkpoints: Annotated[int, Field(gt=0)] = 2
 
     @model_validator(mode="after")
     def _budget_fills_a_step(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ log = logging.getLogger("rnnify")
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; no optimizer step was taken with it."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed as asked (e.g. another number of processes)."""
 
 
 @dataclass
@@ -37,6 +42,66 @@ class TrainOptions:
     mixed_precision: str = "no"
     cpu: bool = True
     log_every: int = 10
+    checkpoint_every: int = 0      # optimizer steps between checkpoints (0: none); the last step always saves
+    keep_checkpoints: int = 2
+    fingerprint: str = ""          # what the checkpoints belong to; others are ignored, not resumed
+
+
+STATE_FILE = "state.pt"
+
+
+def latest_checkpoint(folder: Path, fingerprint: str) -> Path | None:
+    """The newest complete checkpoint (its state file is written last, then the folder renamed) of this fingerprint."""
+    done = sorted(p for p in folder.glob("step-*") if (p / STATE_FILE).is_file() and not p.name.endswith(".tmp"))
+    for path in reversed(done):
+        if (path / "FINGERPRINT").read_text() == fingerprint:
+            return path
+    return None
+
+
+def save_checkpoint(folder: Path, step: int, tokens: int, params, optimizer, scheduler, fingerprint: str,
+                    num_processes: int, keep: int) -> None:
+    """Write ``step-<N>`` atomically (temp folder, then rename), then prune the oldest beyond ``keep``."""
+    import random
+
+    import numpy as np
+
+    final = folder / f"step-{step:06d}"
+    tmp = folder / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "FINGERPRINT").write_text(fingerprint)
+    torch.save({"step": step, "tokens": tokens, "num_processes": num_processes,
+                "params": [p.detach().cpu().clone() for p in params], "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}},
+               tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    complete = sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))
+    for old in complete[:-keep]:             # only after the new one is complete
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, params, optimizer, scheduler, num_processes: int) -> tuple[int, int]:
+    import random
+
+    import numpy as np
+
+    state = torch.load(path / STATE_FILE, weights_only=False)
+    if state["num_processes"] != num_processes:
+        raise ResumeError(f"{path}: written by {state['num_processes']} process(es), resumed with {num_processes}: "
+                         "the batches would differ; resume with the same number of processes, or delete the "
+                         "checkpoints folder to restart the stage")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved.to(p.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state["step"], state["tokens"]
 
 
 def _number(x):
@@ -72,10 +137,21 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     module.train()
 
     history, step, tokens, started = [], 0, 0, time.perf_counter()
-    main = accelerator.is_main_process   # one process writes the log and the plot
-    bar = tqdm(total=steps, desc=name, unit="step", disable=not accelerator.is_local_main_process)
-    with open(out_dir / "log.jsonl", "w") if main else nullcontext() as log_file:
-        for batch in loader:
+    main = accelerator.is_main_process   # one process writes the log, the plot and the checkpoints
+    ckpt_dir = out_dir / "checkpoints"
+    resume = latest_checkpoint(ckpt_dir, opts.fingerprint) if opts.checkpoint_every else None
+    batches = loader
+    if resume is not None:
+        step, tokens = load_checkpoint(resume, params, optimizer, scheduler, accelerator.num_processes)
+        history = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()][:step]
+        batches = accelerator.skip_first_batches(loader, step * opts.gradient_accumulation_steps)
+        log.info("%s: resuming from %s (step %d of %d)", name, resume, step, steps)
+    if main:   # the log holds exactly the steps taken so far
+        (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    accelerator.wait_for_everyone()
+    bar = tqdm(total=steps, initial=step, desc=name, unit="step", disable=not accelerator.is_local_main_process)
+    with open(out_dir / "log.jsonl", "a") if main else nullcontext() as log_file:
+        for batch in batches:
             with accelerator.accumulate(module):
                 loss, extras = module(**batch)
                 if not torch.isfinite(loss.detach()).all():
@@ -106,6 +182,11 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
             bar.update(1)
             if step % opts.log_every == 0:
                 log.info("%s step %d/%d loss %.4g", name, step, steps, loss_value)
+            if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == steps):
+                if main:
+                    save_checkpoint(ckpt_dir, step, tokens, params, optimizer, scheduler, opts.fingerprint,
+                                    accelerator.num_processes, opts.keep_checkpoints)
+                accelerator.wait_for_everyone()
     bar.close()
     wall = time.perf_counter() - started
     if main:

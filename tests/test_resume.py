@@ -1,0 +1,71 @@
+"""Kill a run with SIGKILL during stage 2, run the same command again: it resumes from the last checkpoint and
+ends with the same losses and weights as an uninterrupted run (CPU, deterministic)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).parent.parent
+STAGES = ("stages=[{name: attention_transfer, data: builtin:python-docs, tokens: 2048, seq_len: 64, batch_size: 4, "
+          "eval_rows: 0, checkpoint_every: 2}, {name: distill, data: builtin:python-docs, tokens: 16384, seq_len: 64, "
+          "batch_size: 4, lr: 0.01, checkpoint_every: 4, keep_checkpoints: 2, lora: {r: 4, target_modules: [q_proj]}}]")
+
+
+def command(out):
+    return [sys.executable, "-m", "convert", "run", "tests/recipes/tiny.yaml", f"output_dir={out}", "device=cpu",
+            STAGES]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_during_distill_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    straight = subprocess.run(command(tmp_path / "a"), capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "b"
+    checkpoints = out / "stages" / "1-distill" / "checkpoints"
+    proc = subprocess.Popen(command(out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    def complete():   # a checkpoint is complete once its folder lost the .tmp suffix
+        return [p for p in checkpoints.glob("step-*") if not p.name.endswith(".tmp")]
+    while not complete() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists(), "the run finished before it could be killed"
+    killed_at = json.loads((out / "stages" / "1-distill" / "log.jsonl").read_text().splitlines()[-1])["step"]
+
+    again = subprocess.run(command(out), capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "distill: resuming from" in again.stderr
+
+    logs = [[json.loads(x) for x in (d / "stages" / "1-distill" / "log.jsonl").read_text().splitlines()]
+            for d in (tmp_path / "a", out)]
+    assert [r["step"] for r in logs[1]] == list(range(1, len(logs[0]) + 1)) and len(logs[0]) == 64 > killed_at
+    assert [r["loss"] for r in logs[1]] == [r["loss"] for r in logs[0]]          # same batches, same updates
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    assert kept == ["step-000060", "step-000064"]                                # pruned to the last two
+    a, b = (load_file(d / "student" / "model.safetensors") for d in (tmp_path / "a", out))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)       # bit-identical weights
+
+
+def test_resuming_with_another_number_of_processes_is_a_clear_error(tmp_path):
+    import torch
+
+    from distill.training import ResumeError, load_checkpoint, save_checkpoint
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    save_checkpoint(tmp_path, 4, 100, [p], opt, sched, "fp", num_processes=2, keep=2)
+    try:
+        load_checkpoint(tmp_path / "step-000004", [p], opt, sched, num_processes=1)
+    except ResumeError as e:
+        assert "written by 2 process(es), resumed with 1" in str(e)
+    else:
+        raise AssertionError("expected a ResumeError")
