@@ -21,18 +21,15 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from distill.corpora import cache_root
-from distill.corpora import python_docs_documents
+from distill.corpora import cache_root, python_docs_documents, write_folder_atomically
 
 log = logging.getLogger("rnnify")
 
@@ -62,20 +59,6 @@ def teacher_info(folder: Path) -> dict:
     return json.loads(marker.read_text()) if marker.is_file() else {}
 
 
-def _write_folder_atomically(folder: Path, write: Callable[[Path], dict], marker: dict) -> Path:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        extra = write(tmp) or {}
-        (tmp / MARKER).write_text(json.dumps({**marker, **extra}, indent=2))
-        tmp.chmod(0o755)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def prepare_teacher(name: str) -> Path:
     """The folder of builtin teacher ``name``, prepared now unless a complete one is cached."""
     if name not in BUILTIN_TEACHERS:
@@ -86,9 +69,13 @@ def prepare_teacher(name: str) -> Path:
     if teacher_info(folder).get("version") == spec.version:
         return folder
     log.info("preparing builtin teacher %s in %s", name, folder)
-    return _write_folder_atomically(folder, spec.build,
-                                    {"name": name, "version": spec.version, "description": spec.description,
-                                     **spec.info})
+    marker = {"name": name, "version": spec.version, "description": spec.description, **spec.info}
+
+    def write(tmp: Path) -> None:
+        extra = spec.build(tmp) or {}
+        (tmp / MARKER).write_text(json.dumps({**marker, **extra}, indent=2))   # last: marks it complete
+
+    return write_folder_atomically(folder, write)
 
 
 # -- SmolLM2 from the GGUF file of a PyPI package -------------------------------------------------

@@ -159,12 +159,11 @@ def prepare_corpus(name: str) -> Path:
     if marker.is_file() and json.loads(marker.read_text()).get("version") == _VERSION:
         return folder
     log.info("preparing builtin corpus %s in %s", name, folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
+    spec = BUILTIN_CORPORA[name]
+
+    def write(tmp: Path) -> None:
         counts = {s: {"documents": 0, "characters": 0} for s in SPLITS}
         files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
-        spec = BUILTIN_CORPORA[name]
         for part in spec["parts"]:
             for doc in part():
                 if not doc["text"]:
@@ -177,6 +176,20 @@ def prepare_corpus(name: str) -> Path:
             f.close()
         (tmp / "CORPUS.json").write_text(json.dumps(
             {"name": name, "version": _VERSION, "sources": spec["sources"], "splits": counts}, indent=2))
+
+    return write_folder_atomically(folder, write)
+
+
+def write_folder_atomically(folder: Path, write) -> Path:
+    """Fill a temporary sibling of ``folder`` with ``write(tmp)``, then rename it into place.
+
+    An interrupted preparation leaves no half-written ``folder``; a previous one is replaced only
+    once the new one is complete.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        write(tmp)
         tmp.chmod(0o755)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)

@@ -27,11 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _load_rows(ptr, rows, row_mask, head, HEADS: tl.constexpr, D: tl.constexpr, cols, col_mask):
-    return tl.load(ptr + rows[:, None] * HEADS * D + head * D + cols[None, :],
-                   mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+from .triton_gated import _load_chunk, _sequence_bounds
 
 
 @triton.jit
@@ -46,12 +42,7 @@ def _delta_fwd_kernel(q, k, v, g, beta, o, h0, ht, hc, cu_seqlens, scale, T, NC,
                       STORE_HT: tl.constexpr, STORE_HC: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     i_kv = i_h // (H // HKV)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
+    bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, VARLEN)
     o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
@@ -68,9 +59,9 @@ def _delta_fwd_kernel(q, k, v, g, beta, o, h0, ht, hc, cu_seqlens, scale, T, NC,
         t = i_c * BT + o_t
         m_t = t < seq_len
         rows = bos + t
-        b_q = _load_rows(q, rows, m_t, i_h, H, K, o_k, m_k)
-        b_k = _load_rows(k, rows, m_t, i_kv, HKV, K, o_k, m_k)
-        b_v = _load_rows(v, rows, m_t, i_kv, HKV, V, o_v, m_v)
+        b_q = _load_chunk(q, rows, m_t, i_h, H, K, o_k, m_k)
+        b_k = _load_chunk(k, rows, m_t, i_kv, HKV, K, o_k, m_k)
+        b_v = _load_chunk(v, rows, m_t, i_kv, HKV, V, o_v, m_v)
         b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_b = tl.cumsum(b_g, axis=0)
@@ -103,12 +94,7 @@ def _delta_bwd_kernel(q, k, v, g, beta, do, dq, dk, dv, dg, dbeta, hc, scratch, 
                       STORE_DH0: tl.constexpr, VARLEN: tl.constexpr):
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     i_kv = i_h // (H // HKV)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
+    bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, VARLEN)
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]

@@ -23,6 +23,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _sequence_bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``i_n``: from ``cu_seqlens`` when packed, else row ``i_n · T``, length T."""
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        return bos, tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    return i_n.to(tl.int64) * T, T
+
+
+@triton.jit
 def _load_chunk(ptr, rows, row_mask, head, HEADS: tl.constexpr, D: tl.constexpr, cols, col_mask):
     """[BT, BD] block of a [rows, HEADS, D] tensor, as fp32, zero outside the masks."""
     return tl.load(ptr + rows[:, None] * HEADS * D + head * D + cols[None, :],
@@ -72,12 +81,7 @@ def _fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, T,
                 USE_H0: tl.constexpr, STORE_HT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     i_kv = i_h // (H // HKV)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
+    bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, VARLEN)
     o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     causal = o_t[:, None] >= o_t[None, :]
@@ -110,12 +114,7 @@ def _bwd_dq_kernel(q, k, v, g, do, dq, h0, cu_seqlens, scale, T,
     """Forward sweep: dq_t = scale · [e^{b_t} ⊙ (S do_t) + Σ_{j<=t} (do_t·v_j) e^{b_t - b_j} ⊙ k_j]."""
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     i_kv = i_h // (H // HKV)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
+    bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, VARLEN)
     o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     causal = o_t[:, None] >= o_t[None, :]
@@ -150,12 +149,7 @@ def _bwd_dkv_kernel(q, k, v, g, do, dk, dv, dht, dh0, cu_seqlens, scale, T,
     """Reverse sweep with dS = ∂L/∂S at the end of the current chunk; dk, dv per query head."""
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     i_kv = i_h // (H // HKV)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
+    bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, VARLEN)
     o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     causal = o_t[:, None] >= o_t[None, :]

@@ -72,7 +72,6 @@ def test_distill_with_lora_brings_student_closer_to_teacher_and_merges(tmp_path)
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     from distill.distillation import train_distill
     student = convert(make_teacher("llama"), {"type": "gla"}, [1])
-    frozen = {n: p.clone() for n, p in student.named_parameters()}
     with pytest.raises(NonFiniteError, match=r"distill: the (loss|gradient norm) is (nan|inf).* at step \d+; stopped "
                                              r"before the optimizer step.*learning rate too high \(lr=1e\+30\)"):
         train_distill(student, rows(40), out_dir=tmp_path, opts=TrainOptions(lr=1e30, batch_size=4, max_grad_norm=1e30),

@@ -12,7 +12,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import (create_causal_mask, create_sliding_window_causal_mask,
