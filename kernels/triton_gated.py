@@ -67,6 +67,13 @@ def _pair_decay3(b_b, causal):
 
 
 @triton.jit
+def _next_state(b_S, b_k, b_v, b_b, b_last, PREC: tl.constexpr):
+    """State after the chunk: diag(e^{b_last}) S + Σ_j (k_j ⊙ e^{b_last - b_j}) v_jᵀ."""
+    return b_S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(b_k * tl.exp(b_last[None, :] - b_b)), b_v,
+                                                  input_precision=PREC)
+
+
+@triton.jit
 def _intra_scores(b_q, b_k, b_b, b_s, causal, SCALAR: tl.constexpr, PREC: tl.constexpr):
     """A[t, j] = Σ_c q_tc k_jc e^{b_tc - b_jc} for j <= t, else 0."""
     if SCALAR:
@@ -100,8 +107,7 @@ def _fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, T,
         b_A = _intra_scores(b_q, b_k, b_b, b_s, causal, SCALAR, PREC)
         b_o = tl.dot(b_q * tl.exp(b_b), b_S, input_precision=PREC) + tl.dot(b_A, b_v, input_precision=PREC)
         tl.store(o + rows[:, None] * H * V + i_h * V + o_v[None, :], b_o * scale, mask=m_t[:, None] & m_v[None, :])
-        b_S = b_S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(b_k * tl.exp(b_last[None, :] - b_b)), b_v,
-                                                     input_precision=PREC)
+        b_S = _next_state(b_S, b_k, b_v, b_b, b_last, PREC)
     if STORE_HT:
         tl.store(ht + state_off, b_S, mask=m_k[:, None] & m_v[None, :])
 
@@ -137,8 +143,7 @@ def _bwd_dq_kernel(q, k, v, g, do, dq, h0, cu_seqlens, scale, T,
             b_dq = tl.sum(b_dA[:, :, None] * b_k[None, :, :] * _pair_decay3(b_b, causal), axis=1)
         b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=PREC) * tl.exp(b_b)
         tl.store(dq + rows[:, None] * H * K + i_h * K + o_k[None, :], b_dq * scale, mask=m_t[:, None] & m_k[None, :])
-        b_S = b_S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(b_k * tl.exp(b_last[None, :] - b_b)), b_v,
-                                                     input_precision=PREC)
+        b_S = _next_state(b_S, b_k, b_v, b_b, b_last, PREC)
 
 
 @triton.jit
