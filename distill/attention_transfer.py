@@ -103,6 +103,6 @@ def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions
     per_layer = {str(i): {"before": errors_before[i] if errors_before else None,
                           "after": errors_after[i] if errors_after else None} for i in student.config.mixer_layers}
     from accelerate import PartialState
-    if PartialState().is_main_process:
+    if PartialState().is_main_process and eval_rows is not None:
         (out_dir / "layer_errors.json").write_text(json.dumps(per_layer, indent=2))
     return {**summary, "layer_errors": per_layer}

@@ -5,8 +5,10 @@
 averaged over positions.  The teacher is not a second model: its logits come from the same modules run
 with the original attention (``teacher_attention()``) and, with LoRA, with the adapters disabled, so the
 only extra memory is one set of activations.  Trainable: LoRA adapters (``peft``) on the recipe's target
-modules plus the mixers' own parameters (``trainable: lora``), or the mixers' parameters only
-(``trainable: mixers``).  Adapters are merged into the weights at the end of the stage.
+modules plus the mixers' own parameters (``trainable: lora``), the mixers' parameters only
+(``trainable: mixers``), or every weight (``trainable: full``).  Adapters are merged into the weights at
+the end of the stage.  Full training changes the weights the teacher is made of, so it alone keeps a
+frozen copy of the model as the teacher (one more set of weights in memory, besides AdamW's two).
 """
 from __future__ import annotations
 
@@ -24,17 +26,21 @@ from .training import TrainOptions, train
 class DistillLoss(nn.Module):
     """One module computing the stage loss (DDP wraps and syncs it)."""
 
-    def __init__(self, model, student, temperature: float, kl_weight: float, ce_weight: float):
+    def __init__(self, model, student, temperature: float, kl_weight: float, ce_weight: float, frozen_copy=None):
         super().__init__()
         self.model = model            # the student, or its peft wrapper
         self.student = student        # the RnnifyForCausalLM inside (teacher_attention lives there)
         self.temperature, self.kl_weight, self.ce_weight = temperature, kl_weight, ce_weight
+        # a plain attribute, not a submodule: DDP/FSDP must neither wrap nor sync the frozen teacher
+        self.__dict__["frozen_copy"] = frozen_copy
 
     def forward(self, input_ids, position_ids, labels):
         """[B, T] packed rows -> (loss, {"kl": ..., "ce": ...})."""
-        adapters_off = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
-        with torch.no_grad(), adapters_off, self.student.teacher_attention():
-            teacher = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
+        teacher_model = self.frozen_copy if self.frozen_copy is not None else self.model
+        teacher_student = self.frozen_copy if self.frozen_copy is not None else self.student
+        adapters_off = teacher_model.disable_adapter() if hasattr(teacher_model, "disable_adapter") else nullcontext()
+        with torch.no_grad(), adapters_off, teacher_student.teacher_attention():
+            teacher = teacher_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
         student = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
         t = self.temperature
         kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
@@ -57,15 +63,22 @@ def train_distill(student, rows, *, out_dir: Path, opts: TrainOptions, temperatu
                             target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
                             bias="none")
         model = get_peft_model(student, config)
-    own = [p for _, p in mixer_parameters(student)]
+    frozen_copy = None
+    if trainable == "full":
+        import copy
+        frozen_copy = copy.deepcopy(student).eval()   # before any update: the teacher, with its attention
+        own = list(student.parameters())
+    else:
+        own = [p for _, p in mixer_parameters(student)]
     for p in own:
         p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     n_lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     if gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    summary = train(DistillLoss(model, student, temperature, kl_weight, ce_weight), params, rows, opts, out_dir,
-                    "distill")
+    summary = train(DistillLoss(model, student, temperature, kl_weight, ce_weight, frozen_copy), params, rows, opts,
+                    out_dir, "distill")
+    del frozen_copy
     if gradient_checkpointing:
         student.gradient_checkpointing_disable()
     if trainable == "lora":

@@ -45,6 +45,7 @@ class TrainOptions:
     checkpoint_every: int = 0      # optimizer steps between checkpoints (0: none); the last step always saves
     keep_checkpoints: int = 2
     fingerprint: str = ""          # what the checkpoints belong to; others are ignored, not resumed
+    trackers: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb), logging under out_dir
 
 
 STATE_FILE = "state.pt"
@@ -127,7 +128,8 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(opts.seed)
     accelerator = Accelerator(cpu=opts.cpu, mixed_precision=opts.mixed_precision,
-                              gradient_accumulation_steps=opts.gradient_accumulation_steps)
+                              gradient_accumulation_steps=opts.gradient_accumulation_steps,
+                              log_with=list(opts.trackers) or None, project_dir=out_dir)
     loader = DataLoader(rows, batch_size=opts.batch_size, shuffle=False, collate_fn=collate_packed)
     steps = math.ceil(len(loader) / opts.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -148,6 +150,8 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
         log.info("%s: resuming from %s (step %d of %d)", name, resume, step, steps)
     if main:   # the log holds exactly the steps taken so far
         (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    if opts.trackers:
+        accelerator.init_trackers(name, config={k: v for k, v in vars(opts).items() if k != "trackers"})
     accelerator.wait_for_everyone()
     bar = tqdm(total=steps, initial=step, desc=name, unit="step", disable=not accelerator.is_local_main_process)
     with open(out_dir / "log.jsonl", "a") if main else nullcontext() as log_file:
@@ -155,13 +159,13 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
             with accelerator.accumulate(module):
                 loss, extras = module(**batch)
                 if not torch.isfinite(loss.detach()).all():
-                    raise NonFiniteError(_why(name, "loss", loss.item(), step + 1, opts))
+                    raise NonFiniteError(_why(name, "loss", loss.item(), step + 1, opts, ckpt_dir))
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
                     if not torch.isfinite(grad_norm):
-                        raise NonFiniteError(_why(name, "gradient norm", grad_norm.item(), step + 1, opts))
+                        raise NonFiniteError(_why(name, "gradient norm", grad_norm.item(), step + 1, opts, ckpt_dir))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -178,6 +182,9 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
             if main:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+            if opts.trackers:
+                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                                step=step)
             bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             bar.update(1)
             if step % opts.log_every == 0:
@@ -188,6 +195,8 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
                                     accelerator.num_processes, opts.keep_checkpoints)
                 accelerator.wait_for_everyone()
     bar.close()
+    if opts.trackers:
+        accelerator.end_training()
     wall = time.perf_counter() - started
     if main:
         plot_loss(history, out_dir / "loss.png", name)
@@ -205,13 +214,15 @@ def peak_memory_gb(device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)   # ru_maxrss is in KiB on Linux
 
 
-def _why(name: str, what: str, value: float, step: int, opts: TrainOptions) -> str:
+def _why(name: str, what: str, value: float, step: int, opts: TrainOptions, ckpt_dir: Path) -> str:
     causes = [f"learning rate too high (lr={opts.lr:g})"]
     if opts.mixed_precision == "fp16":
         causes.append("fp16 overflow (use mixed_precision: bf16)")
     causes.append("a degenerate batch (check the data)")
+    last = latest_checkpoint(ckpt_dir, opts.fingerprint) if ckpt_dir.is_dir() else None
+    resume = f"last good checkpoint: {last}" if last else "no checkpoint yet (a rerun starts the stage over)"
     return (f"{name}: the {what} is {value} at step {step}; stopped before the optimizer step, nothing of this step "
-            f"was applied or saved; likely causes: {'; '.join(causes)}")
+            f"was applied or saved; {resume}; likely causes: {'; '.join(causes)}")
 
 
 def plot_loss(history: list[dict], path: Path, title: str) -> None:

@@ -69,15 +69,45 @@ def test_distill_with_lora_brings_student_closer_to_teacher_and_merges(tmp_path)
     assert {"kl", "ce", "grad_norm"} <= set(json.loads(lines[0]))
 
 
+def test_full_distillation_trains_every_weight_against_the_original_teacher(tmp_path):
+    from distill.data import collate_packed
+    from distill.distillation import DistillLoss, train_distill
+    student = convert(make_teacher("llama"), {"type": "gla"}, [1, 2])
+    original = convert(make_teacher("llama"), {"type": "gla"}, [1, 2])   # same seeded weights: the reference
+    batch = collate_packed([rows(12, seed=1)[i] for i in range(4)])
+
+    def kl_to_original(model):   # teacher logits from an untouched copy, whatever happened to `model`
+        return DistillLoss(model, model, 1.0, 1.0, 0.0, frozen_copy=original)(**batch)[0].item()
+
+    with torch.no_grad():
+        before = kl_to_original(student)
+    student, summary = train_distill(student, rows(80), out_dir=tmp_path, opts=TrainOptions(lr=3e-3, batch_size=4),
+                                     trainable="full")
+    assert summary["trainable_parameters"] == sum(p.numel() for p in student.parameters())
+    changed = {n for n, p in student.named_parameters()
+               if not torch.equal(p, dict(original.named_parameters())[n])}
+    assert any("mlp" in n for n in changed) and any("embed" in n for n in changed)
+    assert not any(p.requires_grad for p in student.parameters())
+    with torch.no_grad():
+        after = kl_to_original(student)
+    assert after < 0.8 * before, (before, after)
+
+
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     from distill.distillation import train_distill
     student = convert(make_teacher("llama"), {"type": "gla"}, [1])
     with pytest.raises(NonFiniteError, match=r"distill: the (loss|gradient norm) is (nan|inf).* at step \d+; stopped "
-                                             r"before the optimizer step.*learning rate too high \(lr=1e\+30\)"):
-        train_distill(student, rows(40), out_dir=tmp_path, opts=TrainOptions(lr=1e30, batch_size=4, max_grad_norm=1e30),
-                      trainable="mixers")
+                                             r"before the optimizer step.*learning rate too high \(lr=1e\+30\)") as e:
+        train_distill(student, rows(40), out_dir=tmp_path, trainable="mixers",
+                      opts=TrainOptions(lr=1e30, batch_size=4, max_grad_norm=1e30, checkpoint_every=1))
     for name, p in student.named_parameters():
         assert torch.isfinite(p).all(), name
+    failed = int(str(e.value).split(" at step ")[1].split(";")[0])
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert saved == [f"step-{s:06d}" for s in range(max(1, failed - 2), failed)]   # none for the failed step
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / saved[-1]}" in str(e.value)
+    log = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(log) == failed - 1
 
 
 def test_gradient_checkpointing_gives_the_same_loss(tmp_path):
@@ -92,3 +122,15 @@ def test_gradient_checkpointing_gives_the_same_loss(tmp_path):
         losses.append([json.loads(x)["loss"] for x in log])
         assert summary["peak_memory_gb"] > 0
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-8)
+
+
+def test_tensorboard_tracker_gets_every_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    student = convert(make_teacher("llama"), {"type": "gla"}, [1])
+    summary = train_attention_transfer(student, rows(24), out_dir=tmp_path,
+                                       opts=TrainOptions(lr=1e-2, batch_size=4, trackers=("tensorboard",)))
+    events = EventAccumulator(str(next(tmp_path.glob("attention_transfer*")))).Reload()
+    losses = events.Scalars("loss")
+    logged = [json.loads(x)["loss"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e.step for e in losses] == list(range(1, summary["steps"] + 1))
+    assert [e.value for e in losses] == pytest.approx(logged, rel=1e-6)

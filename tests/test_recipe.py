@@ -112,6 +112,12 @@ def test_overrides_apply_before_validation(tmp_path):
     assert recipe.output_dir == "elsewhere" and recipe.convert.mixer.window == 32 and recipe.eval.seq_len == 128
     assert "convert.mixer.window:" in error_of(tmp_path, BASE, ["convert.mixer.window=-4"])
     assert "must look like dotted.key=value" in error_of(tmp_path, BASE, ["window"])
+    staged = {**BASE, "stages": [{"name": "attention_transfer"}, {"name": "distill"}]}
+    recipe, _ = load_recipe(write(tmp_path, staged), ["stages.1.lr=0.5", "stages.0.data.source=builtin:prose"])
+    assert recipe.stages[1].lr == 0.5 and recipe.stages[0].data.source == "builtin:prose"
+    assert "override stages.2.lr: stages has 2 items; '2' is not one of their indices" in \
+        error_of(tmp_path, staged, ["stages.2.lr=1"])
+    assert "override output_dir.x: output_dir is not a section" in error_of(tmp_path, staged, ["output_dir.x=1"])
 
 
 def test_layer_specs_expand():
@@ -218,10 +224,39 @@ def test_cli_validate_checks_teacher_config(tmp_path, monkeypatch):
     assert "ok" in res.stdout
 
 
+# the config.json of the Hub teachers the shipped recipes name (their weights cannot be downloaded here)
+HUB_TEACHERS = {
+    "meta-llama/Llama-3.2-1B": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                    tie_word_embeddings=True),
+    "Qwen/Qwen2.5-1.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                              num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                              tie_word_embeddings=True),
+    "mistralai/Mistral-7B-v0.3": dict(model_type="mistral", vocab_size=32768, hidden_size=4096,
+                                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                      num_key_value_heads=8, sliding_window=None),
+}
+
+
 def test_quickstart_and_shipped_recipes_validate():
-    for recipe in sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")):
-        res = run_cli("validate", str(recipe))
-        assert res.returncode == 0, (recipe, res.stderr)
+    from transformers import AutoConfig
+
+    from convert.pipeline import check_tasks
+    recipes = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
+    assert {"quickstart.yaml", "llama_to_ssm.yaml", "llama_to_linear.yaml", "qwen_to_gla.yaml",
+            "mistral_to_gated_deltanet.yaml"} <= {p.name for p in recipes}
+    for path in recipes:
+        recipe, _ = load_recipe(path)
+        if recipe.teacher.startswith("builtin:"):
+            res = run_cli("validate", str(path))
+            assert res.returncode == 0, (path, res.stderr)
+            continue
+        fields = dict(HUB_TEACHERS[recipe.teacher])
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        layers = check_against_teacher(recipe, config, str(path))
+        assert layers, path
+        check_tasks(recipe, str(path))   # standard lm-eval task names
+        assert recipe.eval.speed is not None and recipe.stages, path
 
 
 def test_device_names(tmp_path):
@@ -261,7 +296,7 @@ def test_gguf_checksum_mismatch_is_a_clear_error(tmp_path):
      "unknown key"),
     ({"name": "attention_transfer", "seq_len": 8}, "stages.0.seq_len", "greater than or equal to 16"),
     ({"name": "distill", "kl_weight": 0}, "stages.0", "kl_weight and ce_weight are both 0"),
-    ({"name": "distill", "trainable": "everything"}, "stages.0.trainable", "'lora' or 'mixers'"),
+    ({"name": "distill", "trainable": "everything"}, "stages.0.trainable", "'lora', 'mixers' or 'full'"),
     ({"name": "distill", "lora": {"rank": 4}}, "stages.0.lora.rank", "unknown key (allowed here: r, alpha, dropout"),
     ({"name": "distill", "temperature": 0}, "stages.0.temperature", "greater than 0"),
     ({"name": "distill", "eval_rows": 3}, "stages.0.eval_rows", "unknown key (allowed here: data, tokens"),
@@ -279,3 +314,43 @@ def test_stage_budget_larger_than_the_data_fails_validation(tmp_path):
         validate(str(write(tmp_path, {**BASE, "stages": [stage]})))
     with pytest.raises(RecipeError, match=r"stages\[0\].data: nope.jsonl: no such file"):
         validate(str(write(tmp_path, {**BASE, "stages": [{**stage, "data": "nope.jsonl", "tokens": 4096}]})))
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([], "the first stage must be attention_transfer"),
+    ([{"name": "distill"}], "the first stage must be attention_transfer"),
+    ([{"name": "attention_transfer", "eval_rows": 0}], "stages[0].eval_rows must be at least 1"),
+])
+def test_auto_keep_attention_needs_a_first_attention_transfer_stage(tmp_path, stages, message):
+    data = with_({"convert.keep_attention": {"auto": 2}})
+    msg = error_of(tmp_path, {**data, "stages": stages})
+    assert msg.endswith(message) and ": convert.keep_attention: {auto: K}" in msg, msg
+
+
+def test_auto_keep_attention_fields(tmp_path):
+    msg = error_of(tmp_path, with_({"convert.keep_attention": {"auto": 0}}))
+    assert msg.endswith(": convert.keep_attention.auto: Input should be greater than 0 (got 0)"), msg
+    msg = error_of(tmp_path, with_({"convert.keep_attention": {"auto": 2, "by": "kl"}}))
+    assert msg.endswith(": convert.keep_attention.by: Input should be 'relative_mse' or 'mse' (got 'kl')"), msg
+    msg = error_of(tmp_path, with_({"convert.keep_attention": {"every": 2, "ofset": 1}}))
+    assert msg.endswith(": convert.keep_attention.ofset: unknown key (allowed here: every, offset)"), msg
+    msg = error_of(tmp_path, with_({"convert.layers": {"auto": 2}}))
+    assert ': convert.layers: must be "all", "none", a list of layers' in msg, msg
+    data = {**with_({"convert.keep_attention": {"auto": 3}}), "stages": [{"name": "attention_transfer"}]}
+    recipe, _ = load_recipe(write(tmp_path, data))
+    with pytest.raises(RecipeError, match=r"convert.keep_attention.auto: keeping 3 of 3 layers converts none; "
+                                          r"use at most 2"):
+        check_against_teacher(recipe, make_teacher("llama").config, "r.yaml")
+    recipe, _ = load_recipe(write(tmp_path, {**data, "convert": {"keep_attention": {"auto": 1}}}))
+    assert check_against_teacher(recipe, make_teacher("llama").config, "r.yaml") == [0, 1, 2]
+
+
+def test_trackers_are_known_and_installed(tmp_path):
+    assert "trackers.0: Input should be 'tensorboard' or 'wandb' (got 'mlflow')" in \
+        error_of(tmp_path, {**BASE, "trackers": ["mlflow"]})
+    from convert.pipeline import validate
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(RecipeError, match=r"trackers\[0\]: wandb is not installed: pip install 'rnnify\[wandb\]'"):
+            validate(str(write(tmp_path, {**BASE, "trackers": ["wandb"]})))
+    assert validate(str(write(tmp_path, {**BASE, "trackers": ["tensorboard"]})))[0].trackers == ["tensorboard"]

@@ -55,6 +55,27 @@ def test_sigkill_during_distill_then_rerun_matches_an_uninterrupted_run(tmp_path
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)       # bit-identical weights
 
 
+    # the same command once more: both stages are done, nothing is trained or evaluated again
+    report = json.loads((out / "report.json").read_text())
+    log_before = (out / "stages" / "1-distill" / "log.jsonl").read_text()
+    rerun = subprocess.run(command(out), capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stderr.count("done before: weights restored from its last checkpoint") == 2, rerun.stderr[-3000:]
+    assert "evaluation of teacher: reused" in rerun.stderr
+    again_report = json.loads((out / "report.json").read_text())
+    assert again_report["perplexity"] == report["perplexity"] and again_report["stages"] == report["stages"]
+    assert (out / "stages" / "1-distill" / "log.jsonl").read_text() == log_before
+    c = load_file(out / "student" / "model.safetensors")
+    assert all((a[k] == c[k]).all() for k in a)
+
+    # a changed stage 2 is redone; stage 1, unchanged, is not
+    changed = subprocess.run(command(out)[:-1] + [STAGES.replace("lr: 0.01", "lr: 0.02")], capture_output=True,
+                             text=True, cwd=REPO, env=ENV)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert changed.stderr.count("done before") == 1 and "distill: resuming from" not in changed.stderr
+    assert json.loads((out / "report.json").read_text())["stages"][1]["final_loss"] != report["stages"][1]["final_loss"]
+
+
 def test_resuming_with_another_number_of_processes_is_a_clear_error(tmp_path):
     import torch
 

@@ -230,3 +230,19 @@ def test_teacher_attention_mode_is_the_teacher(arch):
     assert (mine_packed - theirs_packed).abs().max().item() <= 1e-5
     assert (converted - theirs).abs().max().item() > 1e-3
     assert sorted(capture) == [0, 1, 2] and capture[1][0].shape == capture[1][1].shape == (2, 15, 64)
+
+
+def test_restore_attention_equals_converting_with_those_layers_kept():
+    from convert.convert import restore_attention
+    teacher = make_teacher("mistral")
+    mixer = {"type": "hedgehog", "window": 4}
+    direct = convert(teacher, mixer, [1])
+    restored = restore_attention(convert(teacher, mixer, [0, 1, 2]), [2, 0])
+    assert restored.config.mixer_layers == [1] and restored.config.layer_types == direct.config.layer_types
+    a, b = direct.state_dict(), restored.state_dict()
+    assert a.keys() == b.keys()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids).logits, direct(ids).logits)
+    with pytest.raises(ValueError, match=r"layers \[0\] are not converted"):
+        restore_attention(restored, [0])

@@ -1,0 +1,144 @@
+"""REPORT.md from report.json: what the conversion lost and gained, as tables a paper or model card can take.
+
+Sections: perplexity at every evaluated point (with ratios to the teacher), lm-eval tasks side by side
+(with the delta to the teacher, per task, never only an average), speed and memory against context
+length with the crossover, training stages (tokens, wall time, tokens/s, peak memory), and the
+``lm_eval`` command lines that reproduce each task figure.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+# headline metric per lm-eval metric name, and whether higher is better
+_METRIC_ORDER = ("acc_norm", "acc", "exact_match", "perplexity", "word_perplexity")
+
+
+def headline_metric(metrics: dict) -> str | None:
+    return next((m for m in _METRIC_ORDER if m in metrics), None)
+
+
+def perplexity_rows(report: dict) -> list[tuple[str, float]]:
+    ppl = report["perplexity"]
+    rows = [("teacher", ppl["teacher"]), ("student after init", ppl["student_after_init"])]
+    rows += [(f"after stage {i} ({s['name']})", s["perplexity"]) for i, s in enumerate(report.get("stages", []))]
+    return rows
+
+
+def perplexity_table(report: dict) -> str:
+    teacher = report["perplexity"]["teacher"]
+    lines = ["| model | held-out perplexity | ratio to teacher |", "|---|---:|---:|"]
+    for name, value in perplexity_rows(report):
+        lines.append(f"| {name} | {value:.2f} | {value / teacher:.2f}× |")
+    return "\n".join(lines)
+
+
+def tasks_table(report: dict) -> str:
+    """One row per task and metric, one column per evaluated point, then student − teacher."""
+    tasks = report.get("tasks") or {}
+    points = [p for p in tasks if tasks[p]]
+    if not points:
+        return ""
+    names = list(dict.fromkeys(t for p in points for t in tasks[p]))
+    head = ["task", "metric", "shots", "n"] + [p.replace("_", " ") for p in points]
+    has_delta = "teacher" in points and "student" in points
+    if has_delta:
+        head.append("student − teacher")
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|" + "---:|" * (len(head) - 4)]
+    for task in names:
+        first = next(tasks[p][task] for p in points if task in tasks[p])
+        metric = headline_metric(first["metrics"])
+        if metric is None:
+            continue
+        cells = [task, metric, str(first["num_fewshot"]), str(first["samples"])]
+        for p in points:
+            m = tasks[p].get(task, {}).get("metrics", {})
+            value, err = m.get(metric), m.get(f"{metric}_stderr")
+            cells.append("–" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, float) else ""))
+        if has_delta and task in tasks["teacher"] and task in tasks["student"]:
+            delta = tasks["student"][task]["metrics"][metric] - tasks["teacher"][task]["metrics"][metric]
+            cells.append(f"{delta:+.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stages_table(report: dict) -> str:
+    stages = report.get("stages") or []
+    if not stages:
+        return ""
+    lines = ["| stage | tokens | steps | wall | tokens/s | peak memory | final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for i, s in enumerate(stages):
+        lines.append(f"| {i} {s['name']} | {s['tokens']:,} | {s['steps']} | {s['wall_s']:.0f} s | "
+                     f"{s['tokens_per_s']:.0f} | {s['peak_memory_gb']:.1f} GB | {s['final_loss']:.4g} |")
+    return "\n".join(lines)
+
+
+def render(report: dict) -> str:
+    """The whole REPORT.md."""
+    from .speed import markdown as speed_markdown
+
+    n = len(report["mixer_layers"]) + len(report["attention_layers"])
+    parts = [f"# {report['teacher']} → {report['mixer']['type']} student",
+             f"{len(report['mixer_layers'])} of {n} layers converted to `{report['mixer']['type']}` "
+             f"(options {report['mixer']}); softmax attention kept in layers {report['attention_layers'] or 'none'}.",
+             ]
+    if report.get("teacher_untrained"):
+        parts.append("**The teacher is untrained (random weights): these figures only show that the pipeline runs.**")
+    parts += ["## Perplexity", f"Held-out text, {report['perplexity_tokens']:,} tokens.", perplexity_table(report)]
+    table = tasks_table(report)
+    if table:
+        parts += ["## lm-eval tasks", "Headline metric per task (± standard error). Averages hide what is lost: "
+                  "read the rows.", table]
+    if report.get("speed"):
+        speed = report["speed"]
+        parts += ["## Speed and memory against context",
+                  f"Prefill an L-token prompt, then decode {speed['new_tokens']} tokens greedily (batch "
+                  f"{speed['batch_size']}, {speed['device']}). Cache = every tensor the model's cache holds after "
+                  "decoding (KV for attention layers; state and window for recurrent ones).",
+                  speed_markdown(speed), "![speed and memory](speed.png)"]
+    table = stages_table(report)
+    if table:
+        parts += ["## Training", table]
+    commands = [(p, t, r["command"]) for p, ts in (report.get("tasks") or {}).items() for t, r in ts.items()
+                if p == "student"]
+    if commands:
+        parts += ["## Reproduce the student's task figures with lm-eval",
+                  "```bash\n" + "\n".join(c for _, _, c in commands) + "\n```"]
+    return "\n\n".join(parts) + "\n"
+
+
+def write(report: dict, out_dir: Path) -> Path:
+    path = out_dir / "REPORT.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(render(report))
+    tmp.replace(path)
+    return path
+
+
+def compare(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> str:
+    """Two reports side by side: perplexities, task headline metrics, decode speed and cache at the longest
+    context both measured; B − A in the last column."""
+    lines = [f"| | {names[0]} | {names[1]} | B − A |", "|---|---:|---:|---:|"]
+
+    def row(label, x, y, fmt="{:.4f}"):
+        numbers = isinstance(x, (int, float)) and isinstance(y, (int, float))
+        cells = [fmt.format(v) if isinstance(v, (int, float)) else "–" for v in (x, y)]
+        delta = fmt.replace("{:", "{:+").format(y - x) if numbers else "–"
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {delta} |")
+
+    for key in ("teacher", "student_after_init", "student"):
+        row(f"perplexity: {key.replace('_', ' ')}", a["perplexity"].get(key), b["perplexity"].get(key), "{:.2f}")
+    for point in ("teacher", "student"):
+        ta, tb = (r.get("tasks", {}).get(point, {}) for r in (a, b))
+        for task in dict.fromkeys(list(ta) + list(tb)):
+            metric = headline_metric((ta.get(task) or tb.get(task))["metrics"])
+            row(f"{task} {metric}: {point}", ta.get(task, {}).get("metrics", {}).get(metric),
+                tb.get(task, {}).get("metrics", {}).get(metric))
+    if a.get("speed") and b.get("speed"):
+        common = sorted(set(a["speed"]["lengths"]) & set(b["speed"]["lengths"]))
+        if common:
+            L = common[-1]
+            pick = {name: {(r["model"], r["context"]): r for r in rep["speed"]["rows"]} for name, rep in (("a", a), ("b", b))}
+            for metric, label in (("decode_tokens_per_s", "decode tok/s"), ("cache_mb", "cache MB")):
+                row(f"student {label} at {L:,}", pick["a"][("student", L)][metric], pick["b"][("student", L)][metric],
+                    "{:.1f}")
+    return "\n".join(lines) + "\n"

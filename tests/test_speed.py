@@ -1,0 +1,54 @@
+"""Speed/memory against context: cache bytes grow with context for attention, stay flat for a recurrent student."""
+import pytest
+import torch
+
+from convert.convert import convert
+from eval.speed import cache_bytes, compare, crossovers, markdown, measure, plot
+from tests.conftest import make_teacher
+
+
+def test_cache_memory_is_flat_for_the_student_and_linear_for_the_teacher(tmp_path):
+    teacher = make_teacher("llama")
+    student = convert(teacher, {"type": "gla"}, [0, 1, 2])
+    result = compare({"teacher": teacher, "student": student}, [32, 64, 128], new_tokens=4, warmup=8)
+    rows = {(r["model"], r["context"]): r for r in result["rows"]}
+    t = [rows[("teacher", L)]["cache_mb"] for L in (32, 64, 128)]
+    s = [rows[("student", L)]["cache_mb"] for L in (32, 64, 128)]
+    assert s[0] == s[1] == s[2] > 0                                     # one state per layer, whatever the length
+    assert t[1] > 1.5 * t[0] and t[2] > 1.5 * t[1]                       # K and V grow with every token
+    cfg = teacher.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert abs(rows[("teacher", 128)]["cache_mb"] * 2 ** 20 - kv_per_token * (128 + 4)) <= kv_per_token * 2
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 for r in result["rows"])
+    assert result["crossover"]["student"]["cache_mb"] is not None
+    table = markdown(result)
+    assert "| 128 |" in table and "student decode speedup" in table and "student beats teacher on decode speed" in table
+    plot(result, tmp_path / "speed.png")
+    assert (tmp_path / "speed.png").stat().st_size > 1000
+
+
+def test_hybrid_student_cache_grows_only_with_its_kept_attention_layers():
+    teacher = make_teacher("llama")
+    hybrid = convert(teacher, {"type": "hedgehog", "window": 8}, [1, 2])
+    a, b = (measure(hybrid, L, new_tokens=2)["cache_mb"] for L in (32, 96))
+    full_a, full_b = (measure(teacher, L, new_tokens=2)["cache_mb"] for L in (32, 96))
+    assert (b - a) == pytest.approx((full_b - full_a) / 3, rel=0.05)    # 1 of 3 layers keeps a KV cache
+
+
+def test_crossover_is_where_the_student_wins_from_then_on():
+    rows = [{"model": "teacher", "context": L, "decode_tokens_per_s": 10.0, "prefill_s": 1.0, "cache_mb": float(L)}
+            for L in (1, 2, 4, 8)]
+    speeds = {1: 12.0, 2: 8.0, 4: 11.0, 8: 20.0}
+    rows += [{"model": "student", "context": L, "decode_tokens_per_s": speeds[L], "prefill_s": 2.0, "cache_mb": 3.0}
+             for L in (1, 2, 4, 8)]
+    assert crossovers(rows, "teacher") == {"student": {"decode_tokens_per_s": 4, "prefill_s": None, "cache_mb": 4}}
+
+
+def test_cache_bytes_counts_shared_storage_once():
+    from transformers.cache_utils import DynamicCache
+    cache = DynamicCache()
+    k, v = torch.zeros(1, 2, 5, 4), torch.ones(1, 2, 5, 4)
+    cache.update(k, v, 0)
+    assert cache_bytes(cache) == 2 * k.numel() * 4
+    cache.layers[0].values = cache.layers[0].keys    # one storage referenced twice
+    assert cache_bytes(cache) == k.numel() * 4
