@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="download and cache builtin teachers/corpora and the offline lm-eval data "
                                        "(then everything runs offline)")
     p.add_argument("names", nargs="+", metavar="builtin:NAME|eval-tasks|RECIPE.yaml")
+    p = sub.add_parser("export", help="write the model card into <output_dir>/student and optionally push it")
+    p.add_argument("output_dir")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None)
+    p.add_argument("--private", action="store_true")
     p = sub.add_parser("compare", help="two runs' reports side by side (markdown)")
     p.add_argument("reports", nargs=2, metavar="OUTPUT_DIR_OR_REPORT_JSON")
     args = parser.parse_args(argv)
@@ -85,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(layers)} layers -> {recipe.convert.mixer.type}: {layers}")
         elif args.command == "prepare":
             prepare(args.names)
+        elif args.command == "export":
+            from .export import export
+            folder = export(args.output_dir, args.push_to_hub, args.private)
+            print(f"exported: {folder}" + (f" -> pushed to {args.push_to_hub}" if args.push_to_hub else ""))
         elif args.command == "compare":
             print(compare(*args.reports))
         else:

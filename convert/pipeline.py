@@ -199,6 +199,18 @@ def auto_keep_layers(layer_errors: dict, spec: AutoKeep) -> list[int]:
 STAGE_RUNNERS = {"attention_transfer": run_attention_transfer, "distill": run_distill}
 
 
+def teacher_card(ref: str, location: str, info: dict) -> dict:
+    """The teacher's licence and Hub id (for the student's model card): builtin metadata, else its model card."""
+    if info.get("license") or info.get("base_model"):
+        return {"license": info.get("license"), "base_model": info.get("base_model")}
+    try:
+        from huggingface_hub import ModelCard
+        card = ModelCard.load(str(Path(location) / "README.md") if Path(location).is_dir() else location)
+        return {"license": card.data.license, "base_model": None if Path(location).is_dir() else ref}
+    except Exception:   # no card, or offline: the export then says licence "other"
+        return {"license": None, "base_model": None if Path(location).is_dir() else ref}
+
+
 def evaluate_tasks(model, tokenizer, recipe: Recipe, out: Path, point: str, saved_path: str | None) -> dict:
     """The recipe's lm-eval tasks on ``model`` (lm-eval's JSON under ``<out>/lm_eval/<point>/``)."""
     if not recipe.eval.tasks:
@@ -382,6 +394,8 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         "teacher": recipe.teacher,
         "teacher_path": location,
         "teacher_untrained": bool(info.get("untrained", False)),
+        "teacher_card": teacher_card(recipe.teacher, location, info),
+        "stage_data": [{"name": st.name, "data": st.data.source} for st in recipe.stages],
         "mixer": recipe.convert.mixer.model_dump(),
         "mixer_layers": layers,
         "attention_layers": [i for i in range(n) if i not in layers],

@@ -153,3 +153,98 @@ def test_auto_keep_attention_keeps_the_layers_with_the_highest_stage1_error(tmp_
     config = json.loads((out / "student" / "config.json").read_text())
     assert config["mixer_layers"] == report["mixer_layers"] and len(config["mixer_layers"]) == 2
     assert all(config["layer_types"][int(k)] == "full_attention" for k in worst)
+
+
+class _FakeHub:
+    """A loopback HTTP server standing in for the Hub API: records create-repo and commit requests."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        self.requests = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, payload, status=200):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                if self.path == "/api/repos/create":
+                    return self._reply({"url": f"http://{self.headers['Host']}/org/student"})
+                if self.path == "/api/validate-yaml":   # the Hub checks a README's metadata before a commit
+                    return self._reply({"errors": [], "warnings": []})
+                if "/preupload/" in self.path:
+                    files = json.loads(body)["files"]
+                    return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                  for f in files]})
+                if "/commit/" in self.path:
+                    return self._reply({"commitUrl": f"http://{self.headers['Host']}/org/student/commit/{'1' * 40}",
+                                        "commitOid": "1" * 40})
+                return self._reply({"error": "unexpected"}, 404)
+
+            def do_GET(self):
+                hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, b""))
+                return self._reply({"error": "unexpected"}, 404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_export_writes_a_model_card_and_pushes_to_the_hub_endpoint(run_dir, tmp_path):
+    import base64
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(run_dir[0], out, ignore=shutil.ignore_patterns("stages", "lm_eval"))
+    hub = _FakeHub()
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret_token_123", "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    res = subprocess.run([sys.executable, "-m", "convert", "export", str(out), "--push-to-hub", "org/student",
+                          "--private"], capture_output=True, text=True, cwd=REPO, env=env)
+    hub.server.shutdown()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "hf_secret_token_123" not in res.stdout + res.stderr
+    card = (out / "student" / "README.md").read_text()
+    from huggingface_hub import ModelCard
+    data = ModelCard(card).data
+    assert data.base_model_relation == "finetune" and data.license == "other" and "rnnify" in data.tags
+    assert {r.dataset_name for r in data.eval_results} == {"PIQA", "LAMBADA"}
+    assert "## Teacher vs student" in card and "trust_remote_code=True" in card and "| teacher |" in card
+    create = next(r for r in hub.requests if r[1] == "/api/repos/create")
+    assert json.loads(create[3])["visibility"] == "private"
+    assert create[2].get("authorization") == "Bearer hf_secret_token_123", create[2]
+    commit = next(r for r in hub.requests if "/commit/" in r[1])
+    lines = [json.loads(x) for x in commit[3].decode().splitlines()]
+    uploaded = {x["value"]["path"]: x["value"] for x in lines if x["key"] == "file"}
+    assert {"README.md", "config.json", "model.safetensors", "modeling_rnnify.py", "rnnify_ops.py"} <= set(uploaded)
+    assert base64.b64decode(uploaded["README.md"]["content"]).decode() == card
+
+
+def test_export_without_a_run_is_a_clear_error(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "convert", "export", str(tmp_path)], capture_output=True, text=True,
+                         cwd=REPO)
+    assert res.returncode == 2 and "no report.json" in res.stderr
+
+
+def test_lm_eval_cli_evaluates_the_saved_student(run_dir, tmp_path):
+    out, _ = run_dir
+    command = json.loads((out / "report.json").read_text())["tasks"]["student"]["piqa_offline"]["command"]
+    args = __import__("shlex").split(command)
+    assert args[0] == "lm_eval"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "lm_eval", *args[1:], "--output_path", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = json.loads(next(tmp_path.rglob("results_*.json")).read_text())["results"]["piqa_offline"]
+    report = json.loads((out / "report.json").read_text())["tasks"]["student"]["piqa_offline"]["metrics"]
+    assert saved["acc,none"] == pytest.approx(report["acc"], abs=1e-9)   # the same figure outside rnnify

@@ -1,0 +1,126 @@
+"""Export: the student folder of a finished run, made publishable: a model card (Hub metadata + the comparison
+tables) beside the weights and modeling files, and an upload with ``huggingface_hub``.
+
+The card is built with ``huggingface_hub``'s ``ModelCardData``/``EvalResult`` (metadata) and the run's
+REPORT.md tables (body); ``base_model_relation: finetune``, licence inherited from the teacher.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .recipe import RecipeError
+
+TASK_DATASETS = {   # lm-eval task -> (Hub dataset id, display name) for the card's model-index
+    "piqa": ("baber/piqa", "PIQA"), "hellaswag": ("Rowan/hellaswag", "HellaSwag"),
+    "winogrande": ("allenai/winogrande", "WinoGrande"), "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"), "lambada_openai": ("EleutherAI/lambada_openai", "LAMBADA"),
+    "mmlu": ("cais/mmlu", "MMLU"), "boolq": ("google/boolq", "BoolQ"), "openbookqa": ("allenai/openbookqa", "OpenBookQA"),
+    "sciq": ("allenai/sciq", "SciQ"),
+}
+
+
+def read_report(output_dir: Path) -> dict:
+    path = output_dir / "report.json"
+    if not path.is_file():
+        raise RecipeError(f"{output_dir}: no report.json: run `python -m convert run RECIPE` with this output_dir first")
+    report = json.loads(path.read_text())
+    if not (output_dir / "student" / "config.json").is_file():
+        raise RecipeError(f"{output_dir / 'student'}: no saved student (config.json missing)")
+    return report
+
+
+def eval_results(report: dict, model_name: str) -> list:
+    """The student's lm-eval headline metrics as ``huggingface_hub.EvalResult`` entries."""
+    from huggingface_hub import EvalResult
+
+    from eval.report import headline_metric
+
+    results = []
+    for task, result in (report.get("tasks") or {}).get("student", {}).items():
+        metric = headline_metric(result["metrics"])
+        standard = task.removesuffix("_offline")
+        dataset, name = TASK_DATASETS.get(standard, (standard, standard))
+        if metric is None:
+            continue
+        results.append(EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=name,
+                                  metric_type=metric, metric_value=round(result["metrics"][metric], 4),
+                                  metric_name=f"{metric} ({result['num_fewshot']}-shot"
+                                              + (f", limit {result['limit']}" if result["limit"] else "") + ")"))
+    return results
+
+
+def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
+    """A ``huggingface_hub.ModelCard``: metadata from the report, body = how to load + the comparison tables."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from eval.report import perplexity_table, stages_table, tasks_table
+    from eval.speed import markdown as speed_markdown
+
+    teacher = report.get("teacher_card") or {}
+    base_model = teacher.get("base_model") or (report["teacher"] if not report["teacher"].startswith("builtin:")
+                                               else None)
+    name = repo_id or f"{(base_model or 'model').split('/')[-1]}-{report['mixer']['type']}-rnnify"
+    mixer = report["mixer"]["type"]
+    data = ModelCardData(
+        model_name=name, base_model=base_model, base_model_relation="finetune",
+        license=teacher.get("license") or "other", library_name="transformers", pipeline_tag="text-generation",
+        tags=["rnnify", "linear-attention" if mixer in ("hedgehog", "gla", "gated_deltanet") else "state-space-model",
+              mixer, "distillation", "custom_code"],
+        datasets=sorted({s["data"] for s in report.get("stage_data", []) if "/" in s.get("data", "")}) or None,
+        eval_results=eval_results(report, name) or None)
+    n = len(report["mixer_layers"]) + len(report["attention_layers"])
+    path = repo_id or str(student_dir)
+    body = [f"# {name}", "",
+            f"A recurrent student of `{base_model or report['teacher']}` made with "
+            f"[rnnify](https://github.com/rnnify/rnnify): {len(report['mixer_layers'])} of {n} attention layers "
+            f"replaced by `{mixer}` mixers initialised from the attention weights, then distilled from the teacher. "
+            f"Softmax attention kept in layers {report['attention_layers'] or 'none'}.",
+            "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"tok = AutoTokenizer.from_pretrained({path!r})",
+            f"model = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)",
+            'ids = tok("The recurrent state", return_tensors="pt")',
+            "print(tok.decode(model.generate(**ids, max_new_tokens=32)[0]))", "```", "",
+            "Generation runs through transformers' own cache: recurrent layers keep a fixed-size state, so memory "
+            "per converted layer does not grow with the context.", "",
+            "## Teacher vs student", "", perplexity_table(report)]
+    tables = tasks_table(report)
+    if tables:
+        body += ["", tables]
+    if report.get("speed"):
+        body += ["", "## Speed and memory", "", speed_markdown(report["speed"])]
+        if (student_dir / "speed.png").is_file():
+            body += ["![speed and memory](speed.png)"]
+    if report.get("stages"):
+        body += ["", "## Training", "", stages_table(report)]
+    if report.get("teacher_untrained"):
+        body += ["", "**The teacher was untrained (random weights): the figures above only show the pipeline ran.**"]
+    body += ["", f"Licence: inherited from the teacher ({data.license})."]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def export(output_dir: str | Path, push_to_hub: str | None = None, private: bool = False) -> Path:
+    """Write ``<output_dir>/student/README.md`` (+ speed.png) and, with ``push_to_hub``, upload the folder.
+
+    The token comes from ``HF_TOKEN`` or ``huggingface-cli login`` (never printed); ``HF_ENDPOINT`` selects
+    the server.  Returns the student folder.
+    """
+    output_dir = Path(output_dir)
+    report = read_report(output_dir)
+    student = output_dir / "student"
+    if (output_dir / "speed.png").is_file():
+        shutil.copy2(output_dir / "speed.png", student / "speed.png")
+    model_card(report, student, push_to_hub).save(student / "README.md")
+    if push_to_hub:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        api = HfApi()
+        try:
+            api.create_repo(push_to_hub, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(folder_path=str(student), repo_id=push_to_hub, repo_type="model",
+                              commit_message=f"rnnify student of {report['teacher']}")
+        except HfHubHTTPError as e:
+            raise RecipeError(f"push to {push_to_hub}: {str(e).splitlines()[0]}") from None
+    return student
