@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Convert a Transformer LM into a recurrent student.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "convert, evaluate and write <output_dir>/report.json"),
-                            ("validate", "check the recipe and the teacher's config.json; load no weights")):
+                            ("validate", "check the recipe and the teacher's config.json; load no weights"),
+                            ("eval", "evaluate the teacher and the saved student of a finished run again (eval: "
+                                     "section as it is now); rewrite report.json and REPORT.md")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*", metavar="dotted.key=value")
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(layers)} layers -> {recipe.convert.mixer.type}: {layers}")
         elif args.command == "prepare":
             prepare(args.names)
+        elif args.command == "eval":
+            pipeline.evaluate_saved(args.recipe, args.overrides)
         elif args.command == "export":
             from .export import export
             folder = export(args.output_dir, args.push_to_hub, args.private)

@@ -8,7 +8,7 @@ import torch
 
 import kernels.torch_ops
 from .student.arch_registry import get_architecture
-from .student.configuration_rnnify import RnnifyConfig, attention_layer_types
+from .student.configuration_rnnify import WINDOWED_ATTENTION, RnnifyConfig, attention_layer_types
 from .student.mixer_registry import get_mixer
 from .student.modeling_rnnify import RnnifyForCausalLM
 
@@ -17,14 +17,20 @@ AUTO_MAP = {"AutoConfig": "configuration_rnnify.RnnifyConfig",
             "AutoModelForCausalLM": "modeling_rnnify.RnnifyForCausalLM"}
 
 
-def student_config(teacher_config, mixer: dict, mixer_layers: list[int]) -> RnnifyConfig:
-    """The student's config: teacher fields, mixer choice, per-layer cache types for transformers."""
+def student_config(teacher_config, mixer: dict, mixer_layers: list[int],
+                   attention_window: int | None = None) -> RnnifyConfig:
+    """The student's config: teacher fields, mixer choice, per-layer cache types for transformers
+    (kept layers: the teacher's, or windowed ``chunked_attention`` with ``attention_window``)."""
     get_architecture(teacher_config.model_type)            # fail early on an unsupported teacher
     mixer_cls = get_mixer(mixer["type"])
     layer_types = attention_layer_types(teacher_config)
-    for i in mixer_layers:
-        layer_types[i] = mixer_cls.cache_layer_type(mixer)
-    return RnnifyConfig.from_teacher(teacher_config, mixer, mixer_layers, layer_types, mixer.get("window"))
+    for i in range(len(layer_types)):
+        if i in mixer_layers:
+            layer_types[i] = mixer_cls.cache_layer_type(mixer)
+        elif attention_window:
+            layer_types[i] = WINDOWED_ATTENTION
+    return RnnifyConfig.from_teacher(teacher_config, mixer, mixer_layers, layer_types, mixer.get("window"),
+                                     attention_window)
 
 
 def _student_param_name(name: str, mixer_layers) -> str:
@@ -36,11 +42,13 @@ def _student_param_name(name: str, mixer_layers) -> str:
     return name
 
 
-def convert(teacher: torch.nn.Module, mixer: dict, mixer_layers: list[int]) -> RnnifyForCausalLM:
+def convert(teacher: torch.nn.Module, mixer: dict, mixer_layers: list[int],
+            attention_window: int | None = None) -> RnnifyForCausalLM:
     """Build the student of ``teacher`` (a transformers causal LM): every weight the teacher has is copied,
     attention projections included (each mixer reuses its layer's q/k/v/o); only new mixer parameters
-    keep their initialisation.  The student has the teacher's dtype and device."""
-    config = student_config(teacher.config, mixer, mixer_layers)
+    keep their initialisation.  The student has the teacher's dtype and device.  With ``attention_window``
+    the layers that keep softmax attention see (and cache) only their last N tokens."""
+    config = student_config(teacher.config, mixer, mixer_layers, attention_window)
     config._attn_implementation = teacher.config._attn_implementation
     param = next(teacher.parameters())
     student = RnnifyForCausalLM(config).to(dtype=param.dtype, device=param.device)
@@ -69,7 +77,8 @@ def restore_attention(student: RnnifyForCausalLM, layers: list[int]) -> RnnifyFo
     for i in layers:
         block = student.model.layers[i]
         block.self_attn = block.self_attn.attn
-        student.config.layer_types[i] = teacher_types[i]
+        window = student.config.attention_window
+        student.config.layer_types[i] = WINDOWED_ATTENTION if window else teacher_types[i]
     student.config.mixer_layers = [i for i in student.config.mixer_layers if i not in set(layers)]
     return student
 

@@ -162,6 +162,7 @@ def conversion_fingerprint(recipe: Recipe, location: str, mixer_layers: list[int
     (``{auto: K}`` converts all layers: its K only matters after stage 1)."""
     part = recipe.model_dump(mode="json", include={"teacher", "dtype", "seed"})
     part["mixer"], part["mixer_layers"] = recipe.convert.mixer.model_dump(mode="json"), list(mixer_layers)
+    part["attention_window"] = recipe.convert.attention_window
     marker = Path(location, "RNNIFY_TEACHER.json")
     part["teacher_version"] = marker.read_text() if marker.is_file() else location
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
@@ -301,7 +302,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings["load_teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    student = convert(teacher, recipe.convert.mixer.model_dump(), layers)
+    student = convert(teacher, recipe.convert.mixer.model_dump(), layers, recipe.convert.attention_window)
     timings["convert_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -469,3 +470,49 @@ def print_summary(report: dict) -> None:
         console.print("[bold yellow]note:[/] the teacher is untrained (random weights); these figures only show "
                       "that the pipeline runs.")
     console.print(f"student: {report['student_path']}   report: {Path(report['student_path']).parent / 'REPORT.md'}")
+
+
+def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
+    """``convert eval``: evaluation only, on the teacher and the saved ``<output_dir>/student`` of a finished run.
+
+    Perplexity, the recipe's lm-eval tasks and speed/memory are measured again (the recipe's ``eval:``
+    section as it is now); the training stages of report.json are kept; REPORT.md is rewritten.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe, _, location, _, _ = validate(recipe_path, overrides)
+    check_tasks(recipe, recipe_path, prepare=True)
+    out = Path(recipe.output_dir)
+    if not (out / "report.json").is_file() or not (out / "student" / "config.json").is_file():
+        raise RecipeError(f"{recipe_path}: {out} has no finished run (report.json and student/): "
+                          f"run `python -m convert run {recipe_path}` first")
+    report = json.loads((out / "report.json").read_text())
+    device, dtype = resolve_device(recipe.device), getattr(torch, recipe.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    windows = document_windows(tokenize_documents(heldout_documents(recipe, recipe_path), tokenizer),
+                               recipe.eval.seq_len, recipe.eval.max_tokens)
+    teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
+    report["perplexity"]["teacher"] = perplexity(teacher, windows, recipe.eval.batch_size)
+    tasks = {"teacher": evaluate_tasks(teacher, tokenizer, recipe, out, "teacher", location)} \
+        if "teacher" in recipe.eval.tasks_at else {}
+    speed_rows = measure_speed(teacher, "teacher", recipe)
+    del teacher
+    student = AutoModelForCausalLM.from_pretrained(out / "student", dtype=dtype, trust_remote_code=True)
+    student = student.to(device).eval()
+    report["perplexity"]["student"] = perplexity(student, windows, recipe.eval.batch_size)
+    report["perplexity_tokens"] = sum(len(w) for w in windows)
+    if "student" in recipe.eval.tasks_at:
+        tasks["student"] = evaluate_tasks(student, tokenizer, recipe, out, "student", str((out / "student").resolve()))
+    report["tasks"] = tasks
+    report["speed"] = None
+    if recipe.eval.speed is not None:
+        from eval.speed import crossovers, plot
+        speed_rows += measure_speed(student, "student", recipe)
+        report["speed"] = {"rows": speed_rows, "crossover": crossovers(speed_rows, reference="teacher"),
+                           **recipe.eval.speed.model_dump(), "device": device}
+        plot(report["speed"], out / "speed.png")
+    from eval.report import write as write_report
+    _write_json_atomic(out / "report.json", report)
+    write_report(report, out)
+    print_summary(report)
+    return report

@@ -140,6 +140,10 @@ class ConvertSection(_Strict):
     keep_attention: KeepSpec | None = Field(
         None, description="layers that keep softmax attention (the rest convert); {auto: K} picks them after stage 1")
 
+    attention_window: Annotated[int, Field(gt=1)] | None = Field(
+        None, description="layers that keep softmax attention attend to (and cache) only their last N tokens, "
+                          "so that decode memory stays flat for the whole model; None: full attention as the teacher")
+
     @field_validator("layers", "keep_attention")
     @classmethod
     def _ranges_parse(cls, v):

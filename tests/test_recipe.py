@@ -354,3 +354,10 @@ def test_trackers_are_known_and_installed(tmp_path):
         with pytest.raises(RecipeError, match=r"trackers\[0\]: wandb is not installed: pip install 'rnnify\[wandb\]'"):
             validate(str(write(tmp_path, {**BASE, "trackers": ["wandb"]})))
     assert validate(str(write(tmp_path, {**BASE, "trackers": ["tensorboard"]})))[0].trackers == ["tensorboard"]
+
+
+def test_attention_window_must_be_a_length(tmp_path):
+    assert "convert.attention_window: Input should be greater than 1 (got 0)" in \
+        error_of(tmp_path, with_({"convert.attention_window": 0}))
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.attention_window": 512})))
+    assert recipe.convert.attention_window == 512

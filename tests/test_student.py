@@ -246,3 +246,38 @@ def test_restore_attention_equals_converting_with_those_layers_kept():
         torch.testing.assert_close(restored(ids).logits, direct(ids).logits)
     with pytest.raises(ValueError, match=r"layers \[0\] are not converted"):
         restore_attention(restored, [0])
+
+
+@pytest.mark.parametrize("mixer", [{"type": "hedgehog", "window": 5}, {"type": "gla"}], ids=["hedgehog-5", "gla"])
+def test_attention_window_bounds_kept_layers_and_matches_its_own_cache(mixer):
+    teacher = make_teacher("llama")
+    student = randomize_mixers(convert(teacher, mixer, [0, 2], attention_window=6))
+    assert student.config.layer_types[1] == "chunked_attention" and student.config.attention_chunk_size == 6
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = student(ids, use_cache=False).logits
+        stepped = prefill_then_decode_logits(student, ids, split=7)
+        assert (full - stepped).abs().max().item() <= 1e-4
+        kept_only = convert(teacher, mixer, [], attention_window=6)   # every layer keeps windowed attention
+        short, long = ids[:, :6], ids
+        torch.testing.assert_close(kept_only(short).logits, teacher(short).logits)      # within the window: teacher
+        assert (kept_only(long).logits[:, 6:] - teacher(long).logits[:, 6:]).abs().max() > 1e-3   # beyond: windowed
+    out = student.generate(ids[:1, :10], max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                           return_dict_in_generate=True, pad_token_id=0)
+    assert out.past_key_values.layers[1].keys.shape[-2] <= 6   # the kept layer caches at most its window
+
+
+def test_windowed_student_loads_and_generates_in_a_fresh_process(tmp_path, tokenizer):
+    student = convert(make_teacher("llama"), {"type": "gla"}, [0, 2], attention_window=4)
+    save_student(student, tmp_path / "s", tokenizer)
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 's')!r}, trust_remote_code=True)
+out = m.generate(torch.tensor([[1, 2, 3, 4, 5, 6]]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                 return_dict_in_generate=True, pad_token_id=0)
+print(m.config.layer_types[1], out.past_key_values.layers[1].keys.shape[-2])
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-2:] == ["chunked_attention", "3"]

@@ -8,7 +8,12 @@ _TEACHER_ONLY_KEYS = ("architectures", "auto_map", "model_type", "transformers_v
                       "layer_types", "dtype", "torch_dtype")
 
 _STUDENT_KEYS = ("teacher_model_type", "teacher_layer_types", "teacher_sliding_window", "mixer", "mixer_layers",
-                 "sliding_window")
+                 "sliding_window", "attention_window", "attention_chunk_size")
+
+# Kept softmax layers limited to their last N tokens use transformers' "chunked_attention" cache slot: the
+# cache is the same sliding-window layer as "sliding_attention" but sized by `attention_chunk_size`, a key
+# the mixers' `sliding_window` does not share; the mask (sliding, not chunked) is built by the student.
+WINDOWED_ATTENTION = "chunked_attention"
 
 
 class RnnifyConfig(PreTrainedConfig):
@@ -21,8 +26,10 @@ class RnnifyConfig(PreTrainedConfig):
         sliding_window: the window of ``hybrid_sliding`` mixer layers, else the teacher's;
         mixer: ``{"type": <mixer name>, <option>: <value>, ...}``;
         mixer_layers: indices of the layers whose attention was replaced;
+        attention_window: kept softmax layers attend to (and cache) only their last N tokens; None: as the teacher
+            (their layer type is then ``chunked_attention``, cache sized by ``attention_chunk_size`` = N);
         layer_types: per-layer cache type for transformers (``linear_attention``, ``hybrid_sliding``,
-            or the teacher's ``full_attention`` / ``sliding_attention`` for kept layers).
+            ``chunked_attention`` (windowed), or the teacher's ``full_attention`` / ``sliding_attention``).
     """
 
     model_type = "rnnify"
@@ -30,26 +37,30 @@ class RnnifyConfig(PreTrainedConfig):
     def __init__(self, teacher_model_type: str = "llama", teacher_layer_types: list | None = None,
                  teacher_sliding_window: int | None = None, mixer: dict | None = None,
                  mixer_layers: list | None = None, layer_types: list | None = None, use_cache: bool = True,
-                 **kwargs):
+                 attention_window: int | None = None, **kwargs):
         self.use_cache = use_cache   # transformers treats it as a generation key unless declared
         self.teacher_model_type = teacher_model_type
         self.teacher_layer_types = teacher_layer_types
         self.teacher_sliding_window = teacher_sliding_window
         self.mixer = mixer or {"type": "hedgehog"}
         self.mixer_layers = list(mixer_layers or [])
+        self.attention_window = attention_window
+        kwargs.pop("attention_chunk_size", None)
         super().__init__(**kwargs)
+        self.attention_chunk_size = attention_window   # what transformers sizes the windowed layers' cache by
         # set after the base init so that no legacy remapping of layer types touches ours
         self.layer_types = layer_types
 
     @classmethod
     def from_teacher(cls, teacher_config, mixer: dict, mixer_layers: list[int], layer_types: list[str],
-                     sliding_window: int | None):
+                     sliding_window: int | None, attention_window: int | None = None):
         fields = {k: v for k, v in teacher_config.to_dict().items() if k not in _TEACHER_ONLY_KEYS}
         teacher_window = getattr(teacher_config, "sliding_window", None)
         fields["sliding_window"] = sliding_window or teacher_window
         return cls(teacher_model_type=teacher_config.model_type,
                    teacher_layer_types=getattr(teacher_config, "layer_types", None), teacher_sliding_window=teacher_window,
-                   mixer=dict(mixer), mixer_layers=sorted(mixer_layers), layer_types=list(layer_types), **fields)
+                   mixer=dict(mixer), mixer_layers=sorted(mixer_layers), layer_types=list(layer_types),
+                   attention_window=attention_window, **fields)
 
     def to_teacher_config(self):
         """Rebuild the teacher's own config class (transformers' registry) from the copied fields."""

@@ -9,6 +9,7 @@ keys, kept softmax layers keep their usual KV cache.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -29,7 +30,7 @@ from .mixer_gla import GLA  # noqa: F401
 from .mixer_hedgehog import Hedgehog  # noqa: F401
 from .mixer_mamba2 import Mamba2  # noqa: F401
 from .arch_registry import get_architecture
-from .configuration_rnnify import RnnifyConfig, attention_layer_types
+from .configuration_rnnify import WINDOWED_ATTENTION, RnnifyConfig, attention_layer_types
 from .mixer_registry import Mixer, PackedSequences, get_mixer
 
 _ATTENTION_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -138,10 +139,17 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         mask_config = self._teacher_config if self._teacher_mode else self.config
         masks = {}
         for kind in set(layer_types):
-            if kind in _ATTENTION_MASKS:
+            first = layer_types.index(kind)   # the cache layer whose length/offset the mask must follow
+            if kind == WINDOWED_ATTENTION:   # kept softmax attention over the last attention_window tokens
+                windowed = copy.copy(mask_config)
+                windowed.sliding_window = self.config.attention_window
+                masks[kind] = create_sliding_window_causal_mask(
+                    config=windowed, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                    position_ids=position_ids, layer_idx=first)
+            elif kind in _ATTENTION_MASKS:
                 masks[kind] = _ATTENTION_MASKS[kind](
                     config=mask_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    cache=cache, position_ids=position_ids)
+                    cache=cache, position_ids=position_ids, layer_idx=first)
             elif packed is not None:
                 masks[kind] = packed
             else:   # mixers take the 2D padding mask (full length, so windowed layers can use it too)
