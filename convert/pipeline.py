@@ -223,6 +223,14 @@ def evaluate_tasks(model, tokenizer, recipe: Recipe, out: Path, point: str, save
                      out_dir=out / "lm_eval" / point, saved_path=saved_path, seed=recipe.seed)
 
 
+def measure_recall(model, tokenizer, recipe: Recipe) -> list[dict] | None:
+    spec = recipe.eval.recall
+    if spec is None:
+        return None
+    from eval.recall import passkey_accuracy
+    return passkey_accuracy(model, tokenizer, spec.lengths, depths=spec.depths, trials=spec.trials, seed=recipe.seed)
+
+
 def measure_speed(model, name: str, recipe: Recipe) -> list[dict]:
     """Speed/memory rows of ``model`` at the recipe's context lengths (same seeded prompts for every model)."""
     spec = recipe.eval.speed
@@ -324,6 +332,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
             out, "tasks_student_after_init", eval_key, main,
             partial(evaluate_tasks, student, tokenizer, recipe, out, "student_after_init", None))
     speed_rows = measure_speed(teacher, "teacher", recipe) if main else []
+    recall = {"teacher": measure_recall(teacher, tokenizer, recipe)} if main and recipe.eval.recall else None
     timings["eval_s"] = time.perf_counter() - t0
     generation_config = teacher.generation_config
     del teacher   # from here on the teacher is the student's own attention (teacher_attention())
@@ -386,7 +395,9 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         speed = {"rows": speed_rows, "crossover": crossovers(speed_rows, reference="teacher"),
                  **recipe.eval.speed.model_dump(), "device": device}
         plot(speed, out / "speed.png")
-    timings["speed_s"] = time.perf_counter() - t0
+    if recall is not None:
+        recall["student"] = measure_recall(student, tokenizer, recipe)
+    timings["speed_and_recall_s"] = time.perf_counter() - t0
 
     n = teacher_config.num_hidden_layers
     report = {
@@ -403,6 +414,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         "stages": stages,
         "tasks": tasks,
         "speed": speed,
+        "recall": recall,
         "recipe_hash": digest,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "student_path": str((out / "student").resolve()),
@@ -466,6 +478,13 @@ def print_summary(report: dict) -> None:
                       + (f"{cross['decode_tokens_per_s']:,} tokens" if cross["decode_tokens_per_s"] else "no measured length")
                       + "; smaller cache from "
                       + (f"{cross['cache_mb']:,} tokens" if cross["cache_mb"] else "no measured length"))
+    if report.get("recall"):
+        recall_table = Table(title="passkey retrieval (accuracy)")
+        for col in ("context", "teacher", "student"):
+            recall_table.add_column(col, justify="right")
+        for t, s in zip(report["recall"]["teacher"], report["recall"]["student"]):
+            recall_table.add_row(f"{t['context']:,}", f"{t['accuracy']:.2f}", f"{s['accuracy']:.2f}")
+        console.print(recall_table)
     if report["teacher_untrained"]:
         console.print("[bold yellow]note:[/] the teacher is untrained (random weights); these figures only show "
                       "that the pipeline runs.")
@@ -496,6 +515,7 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
     tasks = {"teacher": evaluate_tasks(teacher, tokenizer, recipe, out, "teacher", location)} \
         if "teacher" in recipe.eval.tasks_at else {}
     speed_rows = measure_speed(teacher, "teacher", recipe)
+    recall = {"teacher": measure_recall(teacher, tokenizer, recipe)} if recipe.eval.recall else None
     del teacher
     student = AutoModelForCausalLM.from_pretrained(out / "student", dtype=dtype, trust_remote_code=True)
     student = student.to(device).eval()
@@ -511,6 +531,9 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
         report["speed"] = {"rows": speed_rows, "crossover": crossovers(speed_rows, reference="teacher"),
                            **recipe.eval.speed.model_dump(), "device": device}
         plot(report["speed"], out / "speed.png")
+    if recall is not None:
+        recall["student"] = measure_recall(student, tokenizer, recipe)
+    report["recall"] = recall
     from eval.report import write as write_report
     _write_json_atomic(out / "report.json", report)
     write_report(report, out)

@@ -228,6 +228,13 @@ class SpeedSection(_Strict):
         return lengths
 
 
+class RecallSection(_Strict):
+    """Passkey retrieval at several context lengths, teacher and final student (eval/recall.py)."""
+    lengths: Annotated[list[Annotated[int, Field(gt=63)]], Field(min_length=1)] = [512, 1024, 2048]
+    depths: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [0.1, 0.5, 0.9]
+    trials: Annotated[int, Field(gt=0, description="prompts per (length, depth)")] = 2
+
+
 EVAL_POINTS = ("teacher", "after_init", "stages", "student")
 
 
@@ -243,6 +250,7 @@ class EvalSection(_Strict):
         ["teacher", "student"], description="where the lm-eval tasks run: teacher, after_init, stages (after each), "
                                             "student (the final one)")
     speed: SpeedSection | None = Field(None, description="speed/memory against context length (None: skipped)")
+    recall: RecallSection | None = Field(None, description="passkey retrieval against context length (None: skipped)")
 
 
 class _TrainingStage(_Strict):

@@ -95,6 +95,13 @@ def render(report: dict) -> str:
                   f"{speed['batch_size']}, {speed['device']}). Cache = every tensor the model's cache holds after "
                   "decoding (KV for attention layers; state and window for recurrent ones).",
                   speed_markdown(speed), "![speed and memory](speed.png)"]
+    if report.get("recall"):
+        rec = report["recall"]
+        lines = ["| context | prompts | teacher | student |", "|---:|---:|---:|---:|"]
+        for t, s in zip(rec["teacher"], rec["student"]):
+            lines.append(f"| {t['context']:,} | {t['prompts']} | {t['accuracy']:.2f} | {s['accuracy']:.2f} |")
+        parts += ["## Passkey retrieval", "A 5-digit key stated once at several depths inside filler text of the given "
+                  "length; accuracy of greedy recall.", "\n".join(lines)]
     table = stages_table(report)
     if table:
         parts += ["## Training", table]

@@ -20,7 +20,8 @@ def run_dir(tmp_path_factory):
     res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
                           f"output_dir={tmp / 'out'}", "eval.max_tokens=2048",
                           "eval.tasks=[{name: piqa_offline, limit: 8}, {name: lambada_openai_offline, limit: 8}]",
-                          "eval.speed={lengths: [32, 128], new_tokens: 4}"],
+                          "eval.speed={lengths: [32, 128], new_tokens: 4}",
+                          "eval.recall={lengths: [96, 160], depths: [0.5], trials: 1}"],
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "out", res
@@ -72,7 +73,9 @@ def test_run_evaluates_tasks_and_speed_and_writes_the_report(run_dir):
     smaller_from = 32 if rows[("student", 32)]["cache_mb"] < rows[("teacher", 32)]["cache_mb"] else 128
     assert report["speed"]["crossover"]["student"]["cache_mb"] == smaller_from
     text = (out / "REPORT.md").read_text()
+    assert [r["context"] for r in report["recall"]["student"]] == [96, 160] and report["recall"]["teacher"]
     for heading in ("## Perplexity", "## lm-eval tasks", "## Speed and memory against context", "## Training",
+                    "## Passkey retrieval",
                     "## Reproduce the student's task figures with lm-eval"):
         assert heading in text, heading
     assert "| piqa_offline | acc_norm | 0 | 8 |" in text and "student − teacher" in text

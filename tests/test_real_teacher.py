@@ -62,3 +62,16 @@ def test_quickstart_runs_with_no_network(prepared, tmp_path):
     assert report["stages"][0]["name"] == "attention_transfer" and report["stages"][0]["tokens"] == 4096
     from transformers import AutoConfig
     assert AutoConfig.from_pretrained(report["teacher_path"]).num_hidden_layers == 30
+
+
+def test_passkey_probe_finds_the_key_with_the_real_teacher(prepared):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from convert.teachers import prepare_teacher
+    from eval.recall import passkey_accuracy
+    folder = prepare_teacher("smollm2-135m")   # prepared by the fixture: instant
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = passkey_accuracy(model, tokenizer, [256], depths=(0.2, 0.8), trials=1)
+    assert rows == [{"context": 256, "accuracy": 1.0, "prompts": 2, "mean_tokens": rows[0]["mean_tokens"]}]
+    assert abs(rows[0]["mean_tokens"] - 256) <= 8
