@@ -50,7 +50,9 @@ def test_quickstart_runs_with_no_network(prepared, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", NO_NETWORK, "run", "recipes/quickstart.yaml",
                           f"output_dir={tmp_path}", "eval.max_tokens=2048", "eval.seq_len=512",
-                          "stages=[{name: attention_transfer, tokens: 4096, seq_len: 256, batch_size: 4, eval_rows: 2}]"],
+                          "stages=[{name: attention_transfer, tokens: 4096, seq_len: 256, batch_size: 4, eval_rows: 2}]",
+                          "eval.tasks=[{name: piqa_offline, limit: 8}]", "eval.speed={lengths: [64, 128], new_tokens: 2}",
+                          "eval.recall={lengths: [128], depths: [0.5], trials: 1}"],
                          capture_output=True, text=True, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -60,6 +62,8 @@ def test_quickstart_runs_with_no_network(prepared, tmp_path):
     ppl = report["perplexity"]
     assert ppl["student_after_init"] > ppl["teacher"]          # untrained mixers lose quality
     assert report["stages"][0]["name"] == "attention_transfer" and report["stages"][0]["tokens"] == 4096
+    assert report["tasks"]["teacher"]["piqa_offline"]["samples"] == 8   # lm-eval offline, network refused
+    assert report["recall"]["teacher"][0]["accuracy"] == 1.0 and report["speed"]["rows"]
     from transformers import AutoConfig
     assert AutoConfig.from_pretrained(report["teacher_path"]).num_hidden_layers == 30
 

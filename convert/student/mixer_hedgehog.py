@@ -65,6 +65,49 @@ class Hedgehog(Mixer):
             return o[..., :-1] / (o[..., -1:] + self.opts["eps"])
         return self._mix_windowed(q, k, v1, phi_q, cache, packed)
 
+    @staticmethod
+    def _softmax_sums(scores, allowed, values, equation):
+        """Σ_j exp(s_tj − m_t) v_j over allowed keys (numerator | denominator columns of ``values``)."""
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        m = scores.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        return torch.einsum(equation, (scores - m).exp(), values)
+
+    def _window_dense(self, q, k_ext, v_ext, P, packed):
+        """Window sums for T queries at extended positions P..N-1 over all N keys: [B,T,H,Dv+1]."""
+        N, W = k_ext.shape[1], self.window
+        scores = torch.einsum("bthd,bnhd->bhtn", q.float(), k_ext.float()) * self.attn.scaling
+        t_pos = torch.arange(P, N, device=q.device)[:, None]
+        j_pos = torch.arange(N, device=q.device)[None, :]
+        allowed = (j_pos <= t_pos) & (j_pos > t_pos - W)
+        allowed = allowed & (v_ext[..., -1].transpose(1, 2)[:, :, None, :] > 0)   # real keys only [B,H,1,N]
+        if packed is not None:                                              # no cache: P = 0, N = T
+            allowed = allowed & (packed.seq_idx[:, None, :, None] == packed.seq_idx[:, None, None, :])
+        return self._softmax_sums(scores, allowed, v_ext, "bhtn,bnhv->bthv")
+
+    def _window_blocked(self, q, k, v, packed):
+        """The same sums from an empty cache in blocks of W queries, each over its 2W nearest keys: [B,T,H,Dv+1]."""
+        import torch.nn.functional as F
+        B, T, H, D = q.shape
+        W = self.window
+        nb = -(-T // W)
+        pad = nb * W - T
+        qb = F.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(B, nb, W, H, D)
+        # keys of block b: positions bW − W .. bW + W − 1 (W zeros in front stand for "before the sequence")
+        kw = F.pad(k.float(), (0, 0, 0, 0, W, pad)).unfold(1, 2 * W, W)              # [B,nb,H,D,2W]
+        vw = F.pad(v, (0, 0, 0, 0, W, pad)).unfold(1, 2 * W, W)                       # [B,nb,H,Dv+1,2W]
+        scores = torch.einsum("bnwhd,bnhdk->bnhwk", qb, kw) * self.attn.scaling     # [B,nb,H,W,2W]
+        i = torch.arange(W, device=q.device)[:, None]
+        j = torch.arange(2 * W, device=q.device)[None, :]
+        allowed = (j > i) & (j <= i + W)                                             # t − W < key ≤ t
+        allowed = allowed & (vw[:, :, :, -1, None, :] > 0)                           # real keys [B,nb,H,1,2W]
+        if packed is not None:
+            seq_k = F.pad(packed.seq_idx, (W, pad), value=-1).unfold(1, 2 * W, W)   # [B,nb,2W]
+            seq_q = F.pad(packed.seq_idx, (0, pad), value=-2).view(B, nb, W)
+            allowed = allowed & (seq_q[:, :, None, :, None] == seq_k[:, :, None, None, :])
+        out = self._softmax_sums(scores, allowed, vw, "bnhwk,bnhvk->bnwhv")          # [B,nb,W,H,Dv+1]
+        return out.reshape(B, nb * W, H, -1)[:, :T]
+
     def _mix_windowed(self, q, k, v1, phi_q, cache, packed=None):
         B, T, H, D = q.shape
         W = self.window
@@ -76,20 +119,10 @@ class Hedgehog(Mixer):
         N = k_ext.shape[1]
         P = N - T                                                          # cached keys before the new ones
         k_ext, v_ext = self.expand(k_ext), self.expand(v_ext).float()
-        # softmax over the window t-W < j <= t (extended positions), real keys only
-        scores = torch.einsum("bthd,bnhd->bhtn", q.float(), k_ext.float()) * self.attn.scaling
-        t_pos = torch.arange(P, N, device=q.device)[:, None]
-        j_pos = torch.arange(N, device=q.device)[None, :]
-        in_window = (j_pos <= t_pos) & (j_pos > t_pos - W)
-        key_real = v_ext[..., -1].transpose(1, 2)[:, :, None, :] > 0       # [B,H,1,N]
-        allowed = in_window & key_real
-        if packed is not None:                                              # no cache: P = 0, N = T
-            allowed = allowed & (packed.seq_idx[:, None, :, None] == packed.seq_idx[:, None, None, :])
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        m = scores.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = (scores - m).exp()
-        sw = torch.einsum("bhtn,bnhv->bthv", e, v_ext)                     # [B,T,H,Dv+1]: num | den
+        if P == 0 and T > 2 * W:   # long prefill: O(T·W) blocks instead of a T x T score matrix
+            sw = self._window_blocked(q, k_ext, v_ext, packed)
+        else:
+            sw = self._window_dense(q, k_ext, v_ext, P, packed)
         # linear part: keys enter the state once they leave the window (extended position <= t - W)
         state = self.read_state(cache)
         phi_k = self.feature_map(k_ext, self.feature_k)
