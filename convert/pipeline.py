@@ -236,11 +236,23 @@ def measure_speed(model, name: str, recipe: Recipe) -> list[dict]:
     spec = recipe.eval.speed
     if spec is None:
         return []
-    from eval.speed import measure
+    from eval.speed import profile
     log.info("speed/memory of %s at %s tokens", name, spec.lengths)
-    measure(model, min(64, spec.lengths[0]), new_tokens=2, batch_size=spec.batch_size)   # warm-up, untimed
-    return [{"model": name, **measure(model, length, new_tokens=spec.new_tokens, batch_size=spec.batch_size)}
-            for length in spec.lengths]
+    return profile(model, name, spec.lengths, new_tokens=spec.new_tokens, batch_size=spec.batch_size)
+
+
+def finish_speed_and_recall(student, tokenizer, recipe: Recipe, out: Path, device: str, teacher_speed: list[dict],
+                            recall: dict | None) -> tuple[dict | None, dict | None]:
+    """The student's side of the speed/memory and passkey comparisons begun on the teacher; writes speed.png."""
+    speed = None
+    if recipe.eval.speed is not None:
+        from eval.speed import plot, summarize
+        speed = summarize(teacher_speed + measure_speed(student, "student", recipe), "teacher",
+                          **recipe.eval.speed.model_dump(), device=device)
+        plot(speed, out / "speed.png")
+    if recall is not None:
+        recall["student"] = measure_recall(student, tokenizer, recipe)
+    return speed, recall
 
 
 DONE_FILE = "done.json"
@@ -270,8 +282,7 @@ def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
         log.info("evaluation of %s: reused from %s", name, path)
         return cache[name]["result"]
     result = evaluate()
-    if main:
-        cache = json.loads(path.read_text()) if path.is_file() else {}
+    if main:   # only this process writes the file, so the cache read above is current
         cache[name] = {"key": key, "result": result}
         _write_json_atomic(path, cache)
     return result
@@ -389,14 +400,8 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings["save_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     speed = None
-    if main and recipe.eval.speed is not None:
-        from eval.speed import crossovers, plot
-        speed_rows += measure_speed(student, "student", recipe)
-        speed = {"rows": speed_rows, "crossover": crossovers(speed_rows, reference="teacher"),
-                 **recipe.eval.speed.model_dump(), "device": device}
-        plot(speed, out / "speed.png")
-    if recall is not None:
-        recall["student"] = measure_recall(student, tokenizer, recipe)
+    if main:
+        speed, recall = finish_speed_and_recall(student, tokenizer, recipe, out, device, speed_rows, recall)
     timings["speed_and_recall_s"] = time.perf_counter() - t0
 
     n = teacher_config.num_hidden_layers
@@ -524,16 +529,8 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
     if "student" in recipe.eval.tasks_at:
         tasks["student"] = evaluate_tasks(student, tokenizer, recipe, out, "student", str((out / "student").resolve()))
     report["tasks"] = tasks
-    report["speed"] = None
-    if recipe.eval.speed is not None:
-        from eval.speed import crossovers, plot
-        speed_rows += measure_speed(student, "student", recipe)
-        report["speed"] = {"rows": speed_rows, "crossover": crossovers(speed_rows, reference="teacher"),
-                           **recipe.eval.speed.model_dump(), "device": device}
-        plot(report["speed"], out / "speed.png")
-    if recall is not None:
-        recall["student"] = measure_recall(student, tokenizer, recipe)
-    report["recall"] = recall
+    report["speed"], report["recall"] = finish_speed_and_recall(student, tokenizer, recipe, out, device, speed_rows,
+                                                                recall)
     from eval.report import write as write_report
     _write_json_atomic(out / "report.json", report)
     write_report(report, out)

@@ -7,6 +7,7 @@ command line that reproduces it outside rnnify.
 """
 from __future__ import annotations
 
+import functools
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,14 @@ class TaskRequest:
     limit: int | None = None   # documents per task (per subtask for groups such as mmlu)
 
 
-def offline_tasks() -> set[str]:
-    """Names of the tasks and groups defined by the YAMLs in ``eval/tasks``."""
+@functools.cache
+def offline_tasks() -> frozenset[str]:
+    """Names of the tasks and groups defined by the YAMLs in ``eval/tasks`` (read once per process)."""
     import re
     names = set()
     for path in TASKS_DIR.rglob("*.yaml"):
         names.update(re.findall(r"^(?:task|group): *([\w.-]+) *$", path.read_text(), flags=re.M))
-    return names
+    return frozenset(names)
 
 
 def lm_eval_command(pretrained: str, request: TaskRequest, batch_size: int, device: str, dtype: str) -> str:

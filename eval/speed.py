@@ -82,23 +82,34 @@ def measure(model, context_len: int, *, new_tokens: int = 32, batch_size: int = 
             "peak_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
 
 
-def compare(models: dict, lengths: list[int], *, new_tokens: int = 32, batch_size: int = 1, warmup: int = 64) -> dict:
-    """``measure`` every model at every length on the same prompts; returns rows and the crossovers.
+def profile(model, name: str, lengths: list[int], *, new_tokens: int = 32, batch_size: int = 1, warmup: int = 64,
+            prompt: torch.Tensor | None = None) -> list[dict]:
+    """``measure`` ``model`` at every length (rows tagged ``model: name``), after an untimed warm-up at ``warmup``
+    tokens so that one-time costs (allocation, kernel selection) are not timed.  Without ``prompt`` the ids
+    are seeded, hence the same for every model of a vocabulary."""
+    measure(model, min(warmup, lengths[0]), new_tokens=2, batch_size=batch_size, prompt=prompt)
+    return [{"model": name, **measure(model, length, new_tokens=new_tokens, batch_size=batch_size, prompt=prompt)}
+            for length in lengths]
 
-    ``models``: name -> model, the first is the reference (the teacher).  A warm-up run at ``warmup``
-    tokens comes first so that one-time costs (allocation, kernel selection) are not timed.
+
+def summarize(rows: list[dict], reference: str, **meta) -> dict:
+    """Rows of several models -> the result the table, plot and report read: rows, crossovers, settings."""
+    return {"rows": rows, "crossover": crossovers(rows, reference=reference), **meta}
+
+
+def compare(models: dict, lengths: list[int], *, new_tokens: int = 32, batch_size: int = 1, warmup: int = 64) -> dict:
+    """``profile`` every model at every length on the same prompts; returns rows and the crossovers.
+
+    ``models``: name -> model, the first is the reference (the teacher).
     """
     vocab = min(m.config.vocab_size for m in models.values())
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (batch_size, max(lengths)), generator=g)
-    rows = []
-    for name, model in models.items():
-        measure(model, min(warmup, max(lengths)), new_tokens=2, batch_size=batch_size, prompt=prompt)
-        for L in lengths:
-            rows.append({"model": name, **measure(model, L, new_tokens=new_tokens, batch_size=batch_size,
-                                                  prompt=prompt)})
-    return {"rows": rows, "crossover": crossovers(rows, reference=next(iter(models))), "new_tokens": new_tokens,
-            "batch_size": batch_size, "device": str(next(next(iter(models.values())).parameters()).device)}
+    rows = [row for name, model in models.items()
+            for row in profile(model, name, lengths, new_tokens=new_tokens, batch_size=batch_size, warmup=warmup,
+                               prompt=prompt)]
+    return summarize(rows, next(iter(models)), lengths=lengths, new_tokens=new_tokens, batch_size=batch_size,
+                     device=str(next(next(iter(models.values())).parameters()).device))
 
 
 def crossovers(rows: list[dict], reference: str) -> dict:
