@@ -80,6 +80,7 @@ def restore_attention(student: RnnifyForCausalLM, layers: list[int]) -> RnnifyFo
         window = student.config.attention_window
         student.config.layer_types[i] = WINDOWED_ATTENTION if window else teacher_types[i]
     student.config.mixer_layers = [i for i in student.config.mixer_layers if i not in set(layers)]
+    student.route_windowed_attention()
     return student
 
 

@@ -55,7 +55,7 @@ def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
     """A ``huggingface_hub.ModelCard``: metadata from the report, body = how to load + the comparison tables."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from eval.report import perplexity_table, stages_table, tasks_table
+    from eval.report import RECALL_CAPTION, perplexity_table, recall_table, stages_table, tasks_table
     from eval.speed import markdown as speed_markdown
 
     teacher = report.get("teacher_card") or {}
@@ -88,6 +88,8 @@ def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
     tables = tasks_table(report)
     if tables:
         body += ["", tables]
+    if report.get("recall"):
+        body += ["", "## Passkey retrieval", "", RECALL_CAPTION, "", recall_table(report)]
     if report.get("speed"):
         body += ["", "## Speed and memory", "", speed_markdown(report["speed"])]
         if (student_dir / "speed.png").is_file():

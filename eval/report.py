@@ -72,6 +72,21 @@ def stages_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+RECALL_CAPTION = ("A 5-digit key stated once at several depths inside filler text of the given length; accuracy "
+                  "of greedy recall.")
+
+
+def recall_table(report: dict) -> str:
+    """Passkey accuracy per context length, teacher beside student ("" when the run measured none)."""
+    rec = report.get("recall")
+    if not rec:
+        return ""
+    lines = ["| context | prompts | teacher | student |", "|---:|---:|---:|---:|"]
+    for t, s in zip(rec["teacher"], rec["student"]):
+        lines.append(f"| {t['context']:,} | {t['prompts']} | {t['accuracy']:.2f} | {s['accuracy']:.2f} |")
+    return "\n".join(lines)
+
+
 def render(report: dict) -> str:
     """The whole REPORT.md."""
     from .speed import markdown as speed_markdown
@@ -96,12 +111,7 @@ def render(report: dict) -> str:
                   "decoding (KV for attention layers; state and window for recurrent ones).",
                   speed_markdown(speed), "![speed and memory](speed.png)"]
     if report.get("recall"):
-        rec = report["recall"]
-        lines = ["| context | prompts | teacher | student |", "|---:|---:|---:|---:|"]
-        for t, s in zip(rec["teacher"], rec["student"]):
-            lines.append(f"| {t['context']:,} | {t['prompts']} | {t['accuracy']:.2f} | {s['accuracy']:.2f} |")
-        parts += ["## Passkey retrieval", "A 5-digit key stated once at several depths inside filler text of the given "
-                  "length; accuracy of greedy recall.", "\n".join(lines)]
+        parts += ["## Passkey retrieval", RECALL_CAPTION, recall_table(report)]
     table = stages_table(report)
     if table:
         parts += ["## Training", table]

@@ -223,6 +223,7 @@ def test_export_writes_a_model_card_and_pushes_to_the_hub_endpoint(run_dir, tmp_
     assert data.base_model_relation == "finetune" and data.license == "other" and "rnnify" in data.tags
     assert {r.dataset_name for r in data.eval_results} == {"PIQA", "LAMBADA"}
     assert "## Teacher vs student" in card and "trust_remote_code=True" in card and "| teacher |" in card
+    assert "## Passkey retrieval" in card and "## Speed and memory" in card   # what is lost is on the card too
     create = next(r for r in hub.requests if r[1] == "/api/repos/create")
     assert json.loads(create[3])["visibility"] == "private"
     assert create[2].get("authorization") == "Bearer hf_secret_token_123", create[2]

@@ -46,6 +46,15 @@ def test_minimal_recipe_validates_with_defaults(tmp_path):
     assert len(recipe_hash(resolved)) == 16
 
 
+def test_evaluation_defaults_measure_what_conversions_lose(tmp_path):
+    recipe, _ = load_recipe(write(tmp_path, BASE))
+    assert [(t.name, t.num_fewshot) for t in recipe.eval.tasks] == [("mmlu_offline", 5)]
+    assert recipe.eval.recall is not None and recipe.eval.recall.lengths == [512, 1024, 2048]
+    assert recipe.eval.speed is not None and recipe.eval.speed.lengths[-1] == 8192
+    off, _ = load_recipe(write(tmp_path, BASE), ["eval.tasks=[]", "eval.speed=null", "eval.recall=null"])
+    assert off.eval.tasks == [] and off.eval.speed is None and off.eval.recall is None
+
+
 def test_unknown_top_level_key(tmp_path):
     assert "tacher: unknown key (allowed here: output_dir, teacher" in error_of(tmp_path, {**BASE, "tacher": "x"})
 

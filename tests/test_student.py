@@ -267,6 +267,56 @@ def test_attention_window_bounds_kept_layers_and_matches_its_own_cache(mixer):
     assert out.past_key_values.layers[1].keys.shape[-2] <= 6   # the kept layer caches at most its window
 
 
+@pytest.mark.parametrize("T, W, H, Hkv", [(19, 6, 4, 2), (24, 6, 2, 2), (7, 6, 3, 1)])
+def test_blocked_window_attention_equals_the_dense_sliding_mask(T, W, H, Hkv):
+    import torch.nn.functional as F
+
+    from convert.student.attention_windowed import blocked_window_attention
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, h, T, d, generator=g, requires_grad=True) for h, d in ((H, 8), (Hkv, 8), (Hkv, 5)))
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
+                                           attn_mask=(j <= i) & (j > i - W), scale=0.3).transpose(1, 2)
+    blocked = blocked_window_attention(q, k, v, W, 0.3)
+    torch.testing.assert_close(blocked, dense, atol=1e-6, rtol=1e-5)
+    grad = torch.randn(dense.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((blocked * grad).sum(), (q, k, v)),
+                    torch.autograd.grad((dense * grad).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_windowed_prefill_runs_in_blocks_and_equals_the_dense_mask(monkeypatch):
+    import convert.student.attention_windowed as windowed
+    student = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 5}, [0, 2],
+                                       attention_window=6))
+    calls = []
+    blocked = windowed.blocked_window_attention
+    monkeypatch.setattr(windowed, "blocked_window_attention", lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    ids = torch.randint(0, 97, (2, 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = student(ids, attention_mask=torch.ones_like(ids)).logits
+        assert len(calls) == 1   # the kept layer (1 of 3), once
+        monkeypatch.setattr(type(student), "_blocked_window_applies", lambda *a: False)
+        dense = student(ids).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_windowed_layers_give_the_window_to_the_attention_kernel_except_as_the_teacher():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    student = convert(make_teacher("llama"), {"type": "gla"}, [0, 2], attention_window=4)
+    seen, sdpa = [], ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register("rnnify_test_spy", lambda *a, **k: seen.append(k.get("sliding_window")) or sdpa(*a, **k))
+    student.model.layers[1].self_attn.config.rnnify_base_attention = "rnnify_test_spy"   # flash kernels need it
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        student(ids)
+        with student.teacher_attention():
+            student(ids)
+        student(ids)
+    assert seen == [4, None, 4]
+
+
 def test_windowed_student_loads_and_generates_in_a_fresh_process(tmp_path, tokenizer):
     student = convert(make_teacher("llama"), {"type": "gla"}, [0, 2], attention_window=4)
     save_student(student, tmp_path / "s", tokenizer)

@@ -29,6 +29,7 @@ from .mixer_gated_deltanet import GatedDeltaNet  # noqa: F401  (registers the mi
 from .mixer_gla import GLA  # noqa: F401
 from .mixer_hedgehog import Hedgehog  # noqa: F401
 from .mixer_mamba2 import Mamba2  # noqa: F401
+from .attention_windowed import WINDOWED_IMPLEMENTATION, BlockedWindow
 from .arch_registry import get_architecture
 from .configuration_rnnify import WINDOWED_ATTENTION, RnnifyConfig, attention_layer_types
 from .mixer_registry import Mixer, PackedSequences, get_mixer
@@ -72,7 +73,23 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         self._teacher_config = teacher_config
         self._teacher_layer_types = attention_layer_types(teacher_config)
         self._teacher_mode = False
+        self.route_windowed_attention()
         self.post_init()
+
+    def route_windowed_attention(self) -> None:
+        """Kept softmax layers of type ``chunked_attention`` (``config.attention_window``) dispatch through
+        the blocked-window implementation; call again after a layer's type changes."""
+        if not self.config.attention_window:
+            return
+        for i, kind in enumerate(self.config.layer_types):
+            attn = self.model.layers[i].self_attn
+            if kind != WINDOWED_ATTENTION or hasattr(attn.config, "rnnify_base_attention"):
+                continue
+            routed = copy.copy(attn.config)   # this layer's view of the teacher config; the others keep theirs
+            routed.rnnify_base_attention = attn.config._attn_implementation or "sdpa"
+            routed.rnnify_attention_window = self.config.attention_window
+            routed._attn_implementation_internal = WINDOWED_IMPLEMENTATION
+            attn.config = routed
 
     @staticmethod
     def packed_sequences(position_ids: torch.Tensor) -> PackedSequences | None:
@@ -88,15 +105,21 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         output)``, the targets of attention transfer.  No cache is used in this mode.
         """
         mixers = [m for m in self.modules() if isinstance(m, Mixer)]
+        routed = [layer.self_attn.config for layer in self.model.layers
+                  if hasattr(getattr(layer.self_attn, "config", None), "rnnify_base_attention")]
         self._teacher_mode = True
         for m in mixers:
             m.teacher_mode, m.capture = True, capture
+        for config in routed:   # windowed kept layers attend fully, as the teacher's do
+            config.rnnify_attention_window = None
         try:
             yield self
         finally:
             self._teacher_mode = False
             for m in mixers:
                 m.teacher_mode, m.capture = False, None
+            for config in routed:
+                config.rnnify_attention_window = self.config.attention_window
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -110,6 +133,14 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         past = getattr(cache, "rnnify_seen_tokens", 0) if cache is not None else 0
         return torch.arange(past, past + T, device=device)[None]
+
+    def _blocked_window_applies(self, attention_mask, cache, packed, T: int) -> bool:
+        """A prompt longer than two windows, from position 0, unpadded, one document: O(T·W) blocks suffice."""
+        if T <= 2 * self.config.attention_window or packed is not None:
+            return False
+        if cache is not None and getattr(cache, "rnnify_seen_tokens", 0):
+            return False
+        return attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
@@ -140,7 +171,9 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         masks = {}
         for kind in set(layer_types):
             first = layer_types.index(kind)   # the cache layer whose length/offset the mask must follow
-            if kind == WINDOWED_ATTENTION:   # kept softmax attention over the last attention_window tokens
+            if kind == WINDOWED_ATTENTION and self._blocked_window_applies(attention_mask, cache, packed, T):
+                masks[kind] = BlockedWindow(self.config.attention_window)
+            elif kind == WINDOWED_ATTENTION:   # kept softmax attention over the last attention_window tokens
                 windowed = copy.copy(mask_config)
                 windowed.sliding_window = self.config.attention_window
                 masks[kind] = create_sliding_window_causal_mask(
