@@ -163,24 +163,25 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Two panels against context length: decode tokens/s and cache memory, one line per model."""
+    """Three panels against context length: prefill seconds, decode tokens/s and cache memory, a line per model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    panels = (("prefill_s", "prefill time (s)"), ("decode_tokens_per_s", "decode tokens/s"),
+              ("cache_mb", "cache memory (MB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
     for name in dict.fromkeys(r["model"] for r in result["rows"]):
         mine = sorted((r for r in result["rows"] if r["model"] == name), key=lambda r: r["context"])
-        xs = [r["context"] for r in mine]
-        ax1.plot(xs, [r["decode_tokens_per_s"] for r in mine], marker="o", label=name)
-        ax2.plot(xs, [r["cache_mb"] for r in mine], marker="o", label=name)
-    for ax, label in ((ax1, "decode tokens/s"), (ax2, "cache memory (MB)")):
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot([r["context"] for r in mine], [r[key] for r in mine], marker="o", label=name)
+    for ax, (_, label) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    ax1.legend()
-    fig.suptitle(f"decode speed and memory vs context ({result['device']}, batch {result['batch_size']})")
+    axes[0].legend()
+    fig.suptitle(f"prefill, decode speed and memory vs context ({result['device']}, batch {result['batch_size']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
