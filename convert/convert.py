@@ -18,7 +18,7 @@ AUTO_MAP = {"AutoConfig": "configuration_rnnify.RnnifyConfig",
 
 
 def student_config(teacher_config, mixer: dict, mixer_layers: list[int],
-                   attention_window: int | None = None) -> RnnifyConfig:
+                   attention_window: int | None = None, attention_sink: bool = False) -> RnnifyConfig:
     """The student's config: teacher fields, mixer choice, per-layer cache types for transformers
     (kept layers: the teacher's, or windowed ``chunked_attention`` with ``attention_window``)."""
     get_architecture(teacher_config.model_type)            # fail early on an unsupported teacher
@@ -30,7 +30,7 @@ def student_config(teacher_config, mixer: dict, mixer_layers: list[int],
         elif attention_window:
             layer_types[i] = WINDOWED_ATTENTION
     return RnnifyConfig.from_teacher(teacher_config, mixer, mixer_layers, layer_types, mixer.get("window"),
-                                     attention_window)
+                                     attention_window, attention_sink)
 
 
 def _student_param_name(name: str, mixer_layers) -> str:
@@ -43,12 +43,13 @@ def _student_param_name(name: str, mixer_layers) -> str:
 
 
 def convert(teacher: torch.nn.Module, mixer: dict, mixer_layers: list[int],
-            attention_window: int | None = None) -> RnnifyForCausalLM:
+            attention_window: int | None = None, attention_sink: bool = False) -> RnnifyForCausalLM:
     """Build the student of ``teacher`` (a transformers causal LM): every weight the teacher has is copied,
     attention projections included (each mixer reuses its layer's q/k/v/o); only new mixer parameters
     keep their initialisation.  The student has the teacher's dtype and device.  With ``attention_window``
-    the layers that keep softmax attention see (and cache) only their last N tokens."""
-    config = student_config(teacher.config, mixer, mixer_layers, attention_window)
+    the layers that keep softmax attention see (and cache) only their last N tokens; ``attention_sink`` gives
+    them a learned stand-in for the first token once it leaves the window (zeros until ``calibrate_attention_sinks``)."""
+    config = student_config(teacher.config, mixer, mixer_layers, attention_window, attention_sink)
     config._attn_implementation = teacher.config._attn_implementation
     param = next(teacher.parameters())
     student = RnnifyForCausalLM(config).to(dtype=param.dtype, device=param.device)
@@ -62,6 +63,51 @@ def convert(teacher: torch.nn.Module, mixer: dict, mixer_layers: list[int],
     if config.tie_word_embeddings:
         student.tie_weights()
     return student.eval()
+
+
+def sink_modules(student: RnnifyForCausalLM) -> dict[int, torch.nn.Module]:
+    """Modules that hold an attention sink, by layer index: windowed kept attention (``rnnify_sink_key``)
+    and mixers with a sink (``sink_key``)."""
+    return {i: layer.self_attn for i, layer in enumerate(student.model.layers)
+            if hasattr(layer.self_attn, "rnnify_sink_key") or hasattr(layer.self_attn, "sink_key")}
+
+
+@torch.no_grad()
+def calibrate_attention_sinks(student: RnnifyForCausalLM, rows, batch_size: int = 4) -> int:
+    """Set every attention sink to the teacher's mean key/value of the first token of a sequence (position 0),
+    over ``rows`` (packed rows: every document start counts), the teacher being the student's own attention.
+    Returns how many first tokens were averaged (0: no sink, or no rows)."""
+    from distill.data import collate_packed
+
+    modules = sink_modules(student)
+    if not modules or not len(rows):
+        return 0
+    device = next(student.parameters()).device
+    kept = {i: m for i, m in modules.items() if hasattr(m, "rnnify_sink_key")}
+    found = {i: [] for i in modules}
+    for i, attn in kept.items():
+        attn.rnnify_sink_capture = found[i]   # filled by the windowed attention function
+    try:
+        for lo in range(0, len(rows), batch_size):
+            batch = collate_packed([rows[j] for j in range(lo, min(lo + batch_size, len(rows)))])
+            ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
+            capture: dict = {}
+            with student.teacher_attention(capture):
+                student.model(input_ids=ids, position_ids=positions, use_cache=False)
+            first = positions == 0
+            for i in modules.keys() - kept.keys():   # mixers: their own projections of the attention input
+                x = capture[i][0]
+                _, k, v = modules[i].project(x, student.model.rotary_emb(x, position_ids=positions))
+                found[i].append((k[first], v[first]))
+    finally:
+        for attn in kept.values():
+            del attn.rnnify_sink_capture
+    for i, module in modules.items():
+        key, value = ((module.rnnify_sink_key, module.rnnify_sink_value) if i in kept
+                      else (module.sink_key, module.sink_value))
+        key.copy_(torch.cat([k for k, _ in found[i]]).float().mean(0))
+        value.copy_(torch.cat([v for _, v in found[i]]).float().mean(0))
+    return sum(k.shape[0] for k, _ in next(iter(found.values())))
 
 
 def restore_attention(student: RnnifyForCausalLM, layers: list[int]) -> RnnifyForCausalLM:

@@ -17,7 +17,7 @@ from distill.training import NonFiniteError, ResumeError, TrainOptions
 from distill.data import DataError, document_windows, load_documents, pack_documents, take_tokens, tokenize_documents
 from eval.perplexity import perplexity
 
-from .convert import convert, restore_attention, save_student
+from .convert import calibrate_attention_sinks, convert, restore_attention, save_student
 from .recipe import AutoKeep, Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, recipe_hash, resolve_path
 from .teachers import TeacherError, prepare_teacher, teacher_info
 
@@ -96,6 +96,8 @@ def validate(recipe_path: str, overrides: list[str] = ()):
     return recipe, resolved, location, config, layers
 
 
+SINK_CALIBRATION_ROWS = 16   # stage 0's first rows, whose document starts give the sinks' mean key/value
+
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}   # tracker -> the package accelerate needs
 
 
@@ -163,6 +165,10 @@ def conversion_fingerprint(recipe: Recipe, location: str, mixer_layers: list[int
     part = recipe.model_dump(mode="json", include={"teacher", "dtype", "seed"})
     part["mixer"], part["mixer_layers"] = recipe.convert.mixer.model_dump(mode="json"), list(mixer_layers)
     part["attention_window"] = recipe.convert.attention_window
+    if recipe.convert.calibrates_sinks:   # calibrated on stage 0's rows (their content: stage 0's fingerprint)
+        part["attention_sink"] = {"rows": SINK_CALIBRATION_ROWS,
+                                  "data": recipe.stages[0].model_dump(mode="json", include={"data", "seq_len", "tokens"})
+                                  if recipe.stages else None}
     marker = Path(location, "RNNIFY_TEACHER.json")
     part["teacher_version"] = marker.read_text() if marker.is_file() else location
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
@@ -321,7 +327,15 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings["load_teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    student = convert(teacher, recipe.convert.mixer.model_dump(), layers, recipe.convert.attention_window)
+    student = convert(teacher, recipe.convert.mixer.model_dump(), layers, recipe.convert.attention_window,
+                      recipe.convert.uses_attention_sink)
+    if recipe.convert.calibrates_sinks and recipe.stages:
+        rows, _ = stage_rows(recipe, 0, tokenizer, recipe_path)
+        n = calibrate_attention_sinks(student, rows.select(range(min(SINK_CALIBRATION_ROWS, len(rows)))),
+                                      recipe.stages[0].batch_size)
+        log.info("attention sinks: the teacher's mean first-token key/value over %d sequence starts", n)
+    elif recipe.convert.calibrates_sinks:
+        log.warning("attention sinks start from zeros: no stage data to calibrate them on")
     timings["convert_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -416,6 +430,8 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         "mixer": recipe.convert.mixer.model_dump(),
         "mixer_layers": layers,
         "attention_layers": [i for i in range(n) if i not in layers],
+        "attention_window": recipe.convert.attention_window,
+        "attention_sink": recipe.convert.uses_attention_sink,
         "stages": stages,
         "tasks": tasks,
         "speed": speed,

@@ -35,7 +35,18 @@ class HedgehogOptions(_Strict):
     rope: bool = True
     feature_dim: Annotated[int, Field(gt=0)] | None = Field(None, description="feature map width F (default head_dim)")
     window: Annotated[int, Field(gt=0)] | None = Field(None, description="sliding-window softmax size (LoLCATs hybrid)")
+    sink: bool | None = Field(
+        None, description="with window: the softmax part also scores a learned stand-in for the first token (the "
+                          "teacher's attention sink) once keys have left the window; default: on with a window")
     eps: Annotated[float, Field(gt=0)] = 1e-6
+
+    @model_validator(mode="after")
+    def _sink_needs_window(self):
+        if self.sink and not self.window:
+            raise ValueError("sink needs window (the sink is scored in the sliding-window softmax part)")
+        if self.sink is None:
+            self.sink = bool(self.window)
+        return self
 
 
 class _DtRange(_Strict):
@@ -143,6 +154,10 @@ class ConvertSection(_Strict):
     attention_window: Annotated[int, Field(gt=1)] | None = Field(
         None, description="layers that keep softmax attention attend to (and cache) only their last N tokens, "
                           "so that decode memory stays flat for the whole model; None: full attention as the teacher")
+    attention_sink: bool | None = Field(
+        None, description="with attention_window: queries past the window attend to one learned key/value per head "
+                          "in place of the first token (the teacher's attention sink), calibrated to the teacher's "
+                          "first-token statistics on the first stage's data; default: on when attention_window is set")
 
     @field_validator("layers", "keep_attention")
     @classmethod
@@ -155,7 +170,19 @@ class ConvertSection(_Strict):
     def _one_selection(self):
         if self.layers is not None and self.keep_attention is not None:
             raise ValueError("give either convert.layers or convert.keep_attention, not both")
+        if self.attention_sink and not self.attention_window:
+            raise ValueError("convert.attention_sink needs convert.attention_window (a sink stands in for the first "
+                             "token once it leaves the window)")
         return self
+
+    @property
+    def uses_attention_sink(self) -> bool:
+        return bool(self.attention_window) and self.attention_sink is not False
+
+    @property
+    def calibrates_sinks(self) -> bool:
+        """Whether conversion sets attention sinks from the teacher (kept windowed layers, or a mixer's own)."""
+        return self.uses_attention_sink or bool(getattr(self.mixer, "sink", False))
 
     def selection(self) -> tuple[str, LayerSpec]:
         """The dotted field that selects layers, and its spec."""

@@ -5,8 +5,8 @@
 averaged over positions.  The teacher is not a second model: its logits come from the same modules run
 with the original attention (``teacher_attention()``) and, with LoRA, with the adapters disabled, so the
 only extra memory is one set of activations.  Trainable: LoRA adapters (``peft``) on the recipe's target
-modules plus the mixers' own parameters (``trainable: lora``), the mixers' parameters only
-(``trainable: mixers``), or every weight (``trainable: full``).  Adapters are merged into the weights at
+modules plus the parameters conversion added (the mixers' own, and the attention sinks of windowed kept
+layers) (``trainable: lora``), those added parameters only (``trainable: mixers``), or every weight (``trainable: full``).  Adapters are merged into the weights at
 the end of the stage.  Full training changes the weights the teacher is made of, so it alone keeps a
 frozen copy of the model as the teacher (one more set of weights in memory, besides AdamW's two).
 """
@@ -21,6 +21,12 @@ from torch import nn
 
 from .attention_transfer import mixer_parameters
 from .training import TrainOptions, train
+
+
+def added_parameters(student) -> list[nn.Parameter]:
+    """What conversion added to the teacher: the mixers' parameters and the windowed layers' attention sinks."""
+    sinks = [p for n, p in student.named_parameters() if n.rsplit(".", 1)[-1].startswith("rnnify_sink_")]
+    return [p for _, p in mixer_parameters(student)] + sinks
 
 
 class DistillLoss(nn.Module):
@@ -69,7 +75,7 @@ def train_distill(student, rows, *, out_dir: Path, opts: TrainOptions, temperatu
         frozen_copy = copy.deepcopy(student).eval()   # before any update: the teacher, with its attention
         own = list(student.parameters())
     else:
-        own = [p for _, p in mixer_parameters(student)]
+        own = added_parameters(student)
     for p in own:
         p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]

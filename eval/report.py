@@ -94,7 +94,8 @@ def render(report: dict) -> str:
     n = len(report["mixer_layers"]) + len(report["attention_layers"])
     parts = [f"# {report['teacher']} → {report['mixer']['type']} student",
              f"{len(report['mixer_layers'])} of {n} layers converted to `{report['mixer']['type']}` "
-             f"(options {report['mixer']}); softmax attention kept in layers {report['attention_layers'] or 'none'}.",
+             f"(options {report['mixer']}); softmax attention kept in layers {report['attention_layers'] or 'none'}"
+             + kept_window(report) + ".",
              ]
     if report.get("teacher_untrained"):
         parts.append("**The teacher is untrained (random weights): these figures only show that the pipeline runs.**")
@@ -121,6 +122,15 @@ def render(report: dict) -> str:
         parts += ["## Reproduce the student's task figures with lm-eval",
                   "```bash\n" + "\n".join(c for _, _, c in commands) + "\n```"]
     return "\n\n".join(parts) + "\n"
+
+
+def kept_window(report: dict) -> str:
+    """How the kept softmax layers attend, when limited to a window (reports before windows had none)."""
+    window = report.get("attention_window")
+    if not window or not report["attention_layers"]:
+        return ""
+    sink = ", plus an attention sink standing in for the first token" if report.get("attention_sink") else ""
+    return f", over their last {window:,} tokens{sink}"
 
 
 def write(report: dict, out_dir: Path) -> Path:

@@ -16,8 +16,8 @@ ARCH_CONFIGS = {
     "qwen3": dict(TINY, head_dim=24),
     "phi3": dict(TINY, pad_token_id=0),
 }
-MIXERS = [{"type": "hedgehog"}, {"type": "hedgehog", "window": 5}, {"type": "mamba2"}, {"type": "gla"},
-          {"type": "gated_deltanet"}]
+MIXERS = [{"type": "hedgehog"}, {"type": "hedgehog", "window": 5}, {"type": "hedgehog", "window": 5, "sink": True},
+          {"type": "mamba2"}, {"type": "gla"}, {"type": "gated_deltanet"}]
 
 
 def make_teacher(arch: str, **overrides):

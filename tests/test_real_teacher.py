@@ -64,6 +64,10 @@ def test_quickstart_runs_with_no_network(prepared, tmp_path):
     assert report["stages"][0]["name"] == "attention_transfer" and report["stages"][0]["tokens"] == 4096
     assert report["tasks"]["teacher"]["piqa_offline"]["samples"] == 8   # lm-eval offline, network refused
     assert report["recall"]["teacher"][0]["accuracy"] == 1.0 and report["speed"]["rows"]
+    # kept layers over their last 512 tokens, their sinks calibrated on stage 0's document starts
+    assert report["attention_window"] == 512 and report["attention_sink"] is True
+    assert "attention sinks: the teacher's mean first-token key/value over" in res.stderr
+    assert "over their last 512 tokens, plus an attention sink" in (tmp_path / "REPORT.md").read_text()
     from transformers import AutoConfig
     assert AutoConfig.from_pretrained(report["teacher_path"]).num_hidden_layers == 30
 

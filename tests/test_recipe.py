@@ -370,3 +370,25 @@ def test_attention_window_must_be_a_length(tmp_path):
         error_of(tmp_path, with_({"convert.attention_window": 0}))
     recipe, _ = load_recipe(write(tmp_path, with_({"convert.attention_window": 512})))
     assert recipe.convert.attention_window == 512
+
+
+def test_attention_sink_is_on_with_a_window_and_needs_one(tmp_path):
+    assert "convert.attention_sink needs convert.attention_window" in \
+        error_of(tmp_path, with_({"convert.attention_sink": True}))
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.attention_window": 512})))
+    assert recipe.convert.uses_attention_sink
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.attention_window": 512, "convert.attention_sink": False})))
+    assert not recipe.convert.uses_attention_sink
+    recipe, _ = load_recipe(write(tmp_path, with_({})))
+    assert not recipe.convert.uses_attention_sink
+
+
+def test_hedgehog_sink_is_on_with_a_window_and_needs_one(tmp_path):
+    msg = error_of(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "sink": True}}))
+    assert msg.endswith("r.yaml: convert.mixer: sink needs window (the sink is scored in the sliding-window softmax part)")
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "window": 64}})))
+    assert recipe.convert.mixer.sink is True and recipe.convert.calibrates_sinks
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "window": 64, "sink": False}})))
+    assert recipe.convert.mixer.sink is False and not recipe.convert.calibrates_sinks
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": "hedgehog"}})))
+    assert recipe.convert.mixer.sink is False

@@ -318,16 +318,108 @@ def test_windowed_layers_give_the_window_to_the_attention_kernel_except_as_the_t
 
 
 def test_windowed_student_loads_and_generates_in_a_fresh_process(tmp_path, tokenizer):
-    student = convert(make_teacher("llama"), {"type": "gla"}, [0, 2], attention_window=4)
+    student = randomize_mixers(convert(make_teacher("llama"), {"type": "gla"}, [0, 2], attention_window=4,
+                                       attention_sink=True))
     save_student(student, tmp_path / "s", tokenizer)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    here = student.generate(torch.tensor([[1, 2, 3, 4, 5, 6]]), **kw)[0].tolist()
     code = f"""
 import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 's')!r}, trust_remote_code=True)
-out = m.generate(torch.tensor([[1, 2, 3, 4, 5, 6]]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                 return_dict_in_generate=True, pad_token_id=0)
-print(m.config.layer_types[1], out.past_key_values.layers[1].keys.shape[-2])
+out = m.generate(torch.tensor([[1, 2, 3, 4, 5, 6]]), return_dict_in_generate=True, **{kw!r})
+print(m.config.layer_types[1], out.past_key_values.layers[1].keys.shape[-2], m.config.attention_sink)
+print(out.sequences[0].tolist())
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split()[-2:] == ["chunked_attention", "3"]
+    kinds, tokens = res.stdout.strip().splitlines()[-2:]
+    assert kinds.split() == ["chunked_attention", "3", "True"]
+    assert tokens == str(here)   # the sink's weights came back with the model
+
+
+def sink_student(mixer_layers=(0, 2), window=6):
+    return randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 5}, list(mixer_layers),
+                                    attention_window=window, attention_sink=True))   # sinks randomized too
+
+
+def test_attention_sink_is_seen_past_the_window_only_and_matches_its_own_cache():
+    student = sink_student()
+    plain = convert(make_teacher("llama"), {"type": "hedgehog", "window": 5}, [0, 2], attention_window=6)
+    plain.load_state_dict(student.state_dict(), strict=False)   # the same weights, without the sink
+    attn = student.model.layers[1].self_attn
+    assert attn.rnnify_sink_key.shape == (2, 16) and attn.rnnify_sink_value.shape == (2, 16)
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = student(ids, use_cache=False).logits
+        torch.testing.assert_close(full[:, :6], plain(ids).logits[:, :6])       # first token still in the window
+        assert (full[:, 6:] - plain(ids).logits[:, 6:]).abs().max() > 1e-3     # past it: the sink
+        stepped = prefill_then_decode_logits(student, ids, split=7)
+        assert (full - stepped).abs().max().item() <= 1e-4
+        long = torch.randint(0, 97, (2, 29), generator=torch.Generator().manual_seed(1))
+        blocked = student(long, attention_mask=torch.ones_like(long)).logits   # > 2W from an empty cache: blocks
+        dense = student(long, attention_mask=torch.ones_like(long), use_cache=False).logits
+        with student.teacher_attention(), plain.teacher_attention():   # the teacher has no window, no sink
+            torch.testing.assert_close(student(ids).logits, plain(ids).logits)
+    torch.testing.assert_close(blocked, dense, atol=1e-5, rtol=1e-4)
+    prompts = [torch.randint(2, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (13, 4)]
+    ids = torch.zeros(2, 13, dtype=torch.long)
+    mask = torch.zeros(2, 13, dtype=torch.long)
+    for i, p in enumerate(prompts):   # left padding: the sink follows each row's own positions
+        ids[i, 13 - p.numel():], mask[i, 13 - p.numel():] = p, 1
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    batched = student.generate(ids, attention_mask=mask, **kw)[:, 13:]
+    for i, p in enumerate(prompts):
+        assert torch.equal(batched[i], student.generate(p[None], **kw)[0, p.numel():])
+
+
+def test_calibrated_sink_stands_in_exactly_for_the_first_token():
+    """Calibrated on rows that all start like the input, the sink is that input's first-token key/value at every
+    layer (position 0 sees only itself), so the student is the teacher attending to window + first token."""
+    import torch.nn.functional as F
+    from transformers.modeling_utils import AttentionInterface
+
+    from convert.convert import calibrate_attention_sinks
+    from distill.distillation import added_parameters
+    W, T = 5, 17
+
+    def window_and_first_token(module, q, k, v, mask, dropout=0.0, scaling=None, **kwargs):
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+        allowed = (j <= i) & ((i - j < W) | (j == 0))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("rnnify_test_window_first", window_and_first_token)
+    teacher = make_teacher("llama")
+    student = convert(teacher, {"type": "gla"}, [], attention_window=W, attention_sink=True)   # all layers kept
+    ids = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": ids[0, :8].tolist(), "position_ids": list(range(8))} for _ in range(3)]
+    assert calibrate_attention_sinks(student, rows, batch_size=2) == 3
+    sinks = [p for n, p in student.named_parameters() if "rnnify_sink_" in n]
+    assert len(sinks) == 6 and all(any(s is p for p in added_parameters(student)) for s in sinks)
+    teacher.config._attn_implementation = "rnnify_test_window_first"
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_sink_calibration_takes_the_teachers_first_token_key_and_value():
+    from convert.convert import calibrate_attention_sinks
+    teacher = make_teacher("llama")
+    student = convert(teacher, {"type": "hedgehog", "window": 3, "sink": True}, [0, 2], attention_window=4,
+                      attention_sink=True)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(0, 97, (8,), generator=g).tolist(), "position_ids": [0, 1, 2, 3, 0, 1, 2, 3]}
+            for _ in range(3)]
+    assert calibrate_attention_sinks(student, rows, batch_size=2) == 6   # two documents per row
+    firsts = torch.tensor([[r["input_ids"][0], r["input_ids"][4]] for r in rows]).flatten()
+    with torch.no_grad():
+        for i, (key, value) in {0: ("sink_key", "sink_value"), 1: ("rnnify_sink_key", "rnnify_sink_value")}.items():
+            # position 0 sees only itself, so its input is the teacher's layer-i input on that token alone
+            h = teacher.model.embed_tokens(firsts)[:, None]
+            for layer in teacher.model.layers[:i]:
+                h = layer(h, position_embeddings=teacher.model.rotary_emb(h, torch.zeros(1, 1, dtype=torch.long)))
+            attn = teacher.model.layers[i].self_attn
+            x = teacher.model.layers[i].input_layernorm(h)[:, 0]
+            module = student.model.layers[i].self_attn
+            torch.testing.assert_close(getattr(module, key), attn.k_proj(x).view(6, 2, 16).mean(0))
+            torch.testing.assert_close(getattr(module, value), attn.v_proj(x).view(6, 2, 16).mean(0))

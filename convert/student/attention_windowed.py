@@ -6,6 +6,14 @@ one fixed [W, 2W] mask, and the whole prefill costs O(T·W).  The kept attention
 ``WINDOWED_IMPLEMENTATION`` (registered with transformers' ``AttentionInterface``): it takes the blocked
 path when the student hands it a ``BlockedWindow`` instead of a mask, and otherwise calls the model's own
 implementation (sdpa, eager, flash) with ``sliding_window`` set, which flash kernels need.
+
+Attention sink (``config.attention_sink``).  Pretrained LMs park most of their attention mass on the first
+token of a sequence (StreamingLLM's "attention sink"); a plain window drops that token once a query is W
+tokens past it and the softmax falls apart (on SmolLM2, a 512-token window in half the layers costs
+1.25x perplexity; keeping the first token costs 1.01x).  Instead of caching the real first token, each
+windowed layer holds one constant key/value per KV head (``rnnify_sink_key``/``rnnify_sink_value``,
+calibrated to the teacher's mean first-token key/value and trainable) that every query at position >= W
+sees in place of position 0: same 1.01x, no cache entry, no dependence on padding.
 """
 from __future__ import annotations
 
@@ -27,9 +35,11 @@ class BlockedWindow:
 
 
 def blocked_window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int,
-                             scaling: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+                             scaling: float | None = None, dropout: float = 0.0,
+                             sink: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] -> o [B, T, H, Dv];
-    o_i = softmax_{i-W < j <= i}(scaling · q_i·k_j) v_j (Hkv divides H: grouped-query heads)."""
+    o_i = softmax_{i-W < j <= i}(scaling · q_i·k_j) v_j (Hkv divides H: grouped-query heads).
+    With ``sink`` = (k_s [Hkv, D], v_s [Hkv, Dv]), queries i >= W also attend to k_s/v_s (see module doc)."""
     B, H, T, _ = query.shape
     W = window
     blocks = -(-T // W)
@@ -44,25 +54,77 @@ def blocked_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     c = torch.arange(2 * W, device=query.device)[None]  # key offset in the 2W keys (W = this block's first)
     allowed = ((c > a) & (c <= a + W)).expand(blocks, W, 2 * W).clone()
     allowed[0, :, :W] = False   # block 0 has no previous block
-    mask = allowed[None, :, None].expand(B, -1, -1, -1, -1).flatten(0, 1)   # [B·blocks, 1, W, 2W]
-    out = F.scaled_dot_product_attention(q, key_blocks(key), key_blocks(value), attn_mask=mask, scale=scaling,
+    keys, values = key_blocks(key), key_blocks(value)
+    if sink is not None:   # one more key per block, seen by queries at position >= W (all but block 0)
+        keys, values = with_sink(keys, values, sink)
+        seen = torch.ones(blocks, W, 1, dtype=torch.bool, device=query.device)
+        seen[0] = False
+        allowed = torch.cat([seen, allowed], dim=-1)
+    mask = allowed[None, :, None].expand(B, -1, -1, -1, -1).flatten(0, 1)   # [B·blocks, 1, W, 2W (+1)]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
                                          dropout_p=dropout, enable_gqa=H != key.shape[1])
     return out.unflatten(0, (B, blocks)).transpose(2, 3).flatten(1, 2)[:, :T]   # [B, T, H, Dv]
+
+
+def with_sink(keys: torch.Tensor, values: torch.Tensor, sink) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend the sink: k [N, Hkv, S, D], v [N, Hkv, S, Dv] -> [N, Hkv, 1 + S, ·] (sink first)."""
+    k_s, v_s = sink
+    n = keys.shape[0]
+    return (torch.cat([k_s.to(keys.dtype)[None, :, None].expand(n, -1, -1, -1), keys], dim=2),
+            torch.cat([v_s.to(values.dtype)[None, :, None].expand(n, -1, -1, -1), values], dim=2))
+
+
+def add_attention_sink(attn: torch.nn.Module) -> None:
+    """Give a kept attention module its sink parameters (zeros: a key scoring 0 with a zero value, until
+    ``calibrate`` sets the teacher's first-token statistics)."""
+    if hasattr(attn, "rnnify_sink_key"):
+        return
+    weight = attn.k_proj.weight if hasattr(attn, "k_proj") else next(attn.parameters())
+    kv_heads = attn.config.num_key_value_heads
+    attn.rnnify_sink_key = torch.nn.Parameter(weight.new_zeros(kv_heads, attn.head_dim))
+    attn.rnnify_sink_value = torch.nn.Parameter(weight.new_zeros(kv_heads, attn.head_dim))
+
+
+def sink_attention(module, query, key, value, attention_mask, position_ids, window: int, scaling, dropout):
+    """Windowed attention plus the sink for queries at position >= ``window``: q [B, H, T, D],
+    k/v [B, Hkv, N, D] (cache + new), ``attention_mask`` sdpa-style (bool [B, 1, T, N] or None) -> [B, T, H, D]."""
+    B, H, T, _ = query.shape
+    N = key.shape[-2]
+    if attention_mask is None:   # transformers drops the mask when plain causal attention is exact
+        attention_mask = torch.ones(T, N, dtype=torch.bool, device=query.device).tril(N - T)[None, None]
+    if position_ids is None:
+        position_ids = torch.arange(N - T, N, device=query.device)[None]
+    sees_sink = (position_ids >= window)[:, None, :, None].expand(B, 1, T, 1)
+    mask = torch.cat([sees_sink, attention_mask.expand(B, 1, T, N)], dim=-1)
+    keys, values = with_sink(key, value, (module.rnnify_sink_key, module.rnnify_sink_value))
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, dropout_p=dropout,
+                                         enable_gqa=H != key.shape[1])
+    return out.transpose(1, 2)
 
 
 def windowed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                scaling: float | None = None, **kwargs):
     """transformers' attention-interface signature; ``module.config`` carries the window and the base kind."""
     config = module.config
+    window = config.rnnify_attention_window   # None while the model plays the teacher (full attention)
+    capture = getattr(module, "rnnify_sink_capture", None)
+    if capture is not None:   # sink calibration: keys/values of the tokens at position 0
+        first = kwargs["position_ids"].expand(key.shape[0], -1) == 0                    # [B, T]
+        capture.append((key.transpose(1, 2)[first].detach(), value.transpose(1, 2)[first].detach()))
+    sink = (module.rnnify_sink_key, module.rnnify_sink_value) if window and hasattr(module, "rnnify_sink_key") \
+        else None
     if isinstance(attention_mask, BlockedWindow):
         if key.shape[-2] != query.shape[-2]:
             raise RuntimeError(f"blocked window attention needs as many keys as queries (got {key.shape[-2]} keys "
                                f"for {query.shape[-2]} queries): it applies only to a prefill from an empty cache")
-        return blocked_window_attention(query, key, value, attention_mask.window, scaling, dropout), None
+        return blocked_window_attention(query, key, value, attention_mask.window, scaling, dropout, sink), None
+    if sink is not None:
+        return sink_attention(module, query, key, value, attention_mask, kwargs.get("position_ids"), window,
+                              scaling, dropout), None
     eager = sys.modules[type(module).__module__].eager_attention_forward
     base = ALL_ATTENTION_FUNCTIONS.get_interface(config.rnnify_base_attention, eager)
-    if config.rnnify_attention_window:   # None while the model plays the teacher (full attention)
-        kwargs["sliding_window"] = config.rnnify_attention_window
+    if window:
+        kwargs["sliding_window"] = window
     return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

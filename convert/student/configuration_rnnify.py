@@ -8,7 +8,7 @@ _TEACHER_ONLY_KEYS = ("architectures", "auto_map", "model_type", "transformers_v
                       "layer_types", "dtype", "torch_dtype")
 
 _STUDENT_KEYS = ("teacher_model_type", "teacher_layer_types", "teacher_sliding_window", "mixer", "mixer_layers",
-                 "sliding_window", "attention_window", "attention_chunk_size")
+                 "sliding_window", "attention_window", "attention_chunk_size", "attention_sink")
 
 # Kept softmax layers limited to their last N tokens use transformers' "chunked_attention" cache slot: the
 # cache is the same sliding-window layer as "sliding_attention" but sized by `attention_chunk_size`, a key
@@ -29,7 +29,9 @@ class RnnifyConfig(PreTrainedConfig):
         attention_window: kept softmax layers attend to (and cache) only their last N tokens; None: as the teacher
             (their layer type is then ``chunked_attention``, cache sized by ``attention_chunk_size`` = N);
         layer_types: per-layer cache type for transformers (``linear_attention``, ``hybrid_sliding``,
-            ``chunked_attention`` (windowed), or the teacher's ``full_attention`` / ``sliding_attention``).
+            ``chunked_attention`` (windowed), or the teacher's ``full_attention`` / ``sliding_attention``);
+        attention_sink: windowed kept layers attend to one learned key/value per KV head in place of the
+            first token once it has left their window (``attention_windowed.py``).
     """
 
     model_type = "rnnify"
@@ -37,7 +39,7 @@ class RnnifyConfig(PreTrainedConfig):
     def __init__(self, teacher_model_type: str = "llama", teacher_layer_types: list | None = None,
                  teacher_sliding_window: int | None = None, mixer: dict | None = None,
                  mixer_layers: list | None = None, layer_types: list | None = None, use_cache: bool = True,
-                 attention_window: int | None = None, **kwargs):
+                 attention_window: int | None = None, attention_sink: bool = False, **kwargs):
         self.use_cache = use_cache   # transformers treats it as a generation key unless declared
         self.teacher_model_type = teacher_model_type
         self.teacher_layer_types = teacher_layer_types
@@ -45,6 +47,7 @@ class RnnifyConfig(PreTrainedConfig):
         self.mixer = mixer or {"type": "hedgehog"}
         self.mixer_layers = list(mixer_layers or [])
         self.attention_window = attention_window
+        self.attention_sink = bool(attention_sink and attention_window)
         kwargs.pop("attention_chunk_size", None)
         super().__init__(**kwargs)
         self.attention_chunk_size = attention_window   # what transformers sizes the windowed layers' cache by
@@ -53,14 +56,14 @@ class RnnifyConfig(PreTrainedConfig):
 
     @classmethod
     def from_teacher(cls, teacher_config, mixer: dict, mixer_layers: list[int], layer_types: list[str],
-                     sliding_window: int | None, attention_window: int | None = None):
+                     sliding_window: int | None, attention_window: int | None = None, attention_sink: bool = False):
         fields = {k: v for k, v in teacher_config.to_dict().items() if k not in _TEACHER_ONLY_KEYS}
         teacher_window = getattr(teacher_config, "sliding_window", None)
         fields["sliding_window"] = sliding_window or teacher_window
         return cls(teacher_model_type=teacher_config.model_type,
                    teacher_layer_types=getattr(teacher_config, "layer_types", None), teacher_sliding_window=teacher_window,
                    mixer=dict(mixer), mixer_layers=sorted(mixer_layers), layer_types=list(layer_types),
-                   attention_window=attention_window, **fields)
+                   attention_window=attention_window, attention_sink=attention_sink, **fields)
 
     def to_teacher_config(self):
         """Rebuild the teacher's own config class (transformers' registry) from the copied fields."""

@@ -7,6 +7,9 @@
     o_t = (f Σ_win e_tj v_j + (1-f) Σ_old φ(q_t)·φ(k_j) v_j) / (f Σ_win e_tj + (1-f) Σ_old φ(q_t)·φ(k_j))
 The linear sums are a decay_scalar recurrence with zero log decay over values [v, 1] (numerator
 and denominator in one state); with a window, keys enter that state only once they leave the window.
+sink (with a window): once keys have left the window, the softmax part also scores one learned key k_s
+with value v_s per KV head (calibrated to the teacher's first-token key/value), so the attention sink the
+teacher keeps on the first token stays exact instead of being left to the feature maps.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from .mixer_registry import Mixer, register_mixer, run_chunk, run_step
 @register_mixer
 class Hedgehog(Mixer):
     name = "hedgehog"
-    options = {"rope": True, "feature_dim": None, "window": None, "eps": 1e-6}
+    options = {"rope": True, "feature_dim": None, "window": None, "sink": False, "eps": 1e-6}
 
     @classmethod
     def cache_layer_type(cls, options):
@@ -34,6 +37,9 @@ class Hedgehog(Mixer):
         self.window = self.opts["window"]
         if self.window:
             self.window_factor = nn.Parameter(torch.empty(H))
+        if self.window and self.opts["sink"]:
+            self.sink_key = nn.Parameter(torch.empty(self.num_kv_heads, D))
+            self.sink_value = nn.Parameter(torch.empty(self.num_kv_heads, D))
         self.reset_rnnify_parameters()
 
     def reset_rnnify_parameters(self):
@@ -44,6 +50,9 @@ class Hedgehog(Mixer):
             self.feature_k.copy_(torch.eye(D, F).repeat(H, 1, 1))
             if self.window:
                 self.window_factor.zero_()
+            if hasattr(self, "sink_key"):   # zeros until calibrated on the teacher's first tokens
+                self.sink_key.zero_()
+                self.sink_value.zero_()
 
     @staticmethod
     def feature_map(x, weight):
@@ -66,15 +75,27 @@ class Hedgehog(Mixer):
         return self._mix_windowed(q, k, v1, phi_q, cache, packed)
 
     @staticmethod
-    def _softmax_sums(scores, allowed, values, equation):
-        """Σ_j exp(s_tj − m_t) v_j over allowed keys (numerator | denominator columns of ``values``)."""
+    def _softmax_sums(scores, allowed, values, equation, sink=None):
+        """Σ_j exp(s_tj − m_t) v_j over allowed keys (numerator | denominator columns of ``values``);
+        ``sink`` = (scores, allowed, values, the key dim of values) of one more key, concatenated last."""
+        if sink is not None:
+            sink_scores, sink_allowed, sink_values, key_dim = sink
+            scores, allowed = torch.cat([scores, sink_scores], dim=-1), torch.cat([allowed, sink_allowed], dim=-1)
+            values = torch.cat([values, sink_values], dim=key_dim)
         scores = scores.masked_fill(~allowed, float("-inf"))
         m = scores.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         return torch.einsum(equation, (scores - m).exp(), values)
 
-    def _window_dense(self, q, k_ext, v_ext, P, packed):
-        """Window sums for T queries at extended positions P..N-1 over all N keys: [B,T,H,Dv+1]."""
+    def _sink(self, q):
+        """The sink's key [H, D] and value [H, Dv+1] per query head (``expand``ed from the KV heads)."""
+        key = self.expand(self.sink_key.float()[None, None])[0, 0]
+        value = self.expand(self.sink_value.float()[None, None])[0, 0]
+        return key, torch.cat([value, torch.ones_like(value[:, :1])], dim=-1)
+
+    def _window_dense(self, q, k_ext, v_ext, P, packed, past_window=None):
+        """Window sums for T queries at extended positions P..N-1 over all N keys: [B,T,H,Dv+1]
+        (``past_window`` [B,T,H]: queries that also see the sink)."""
         N, W = k_ext.shape[1], self.window
         scores = torch.einsum("bthd,bnhd->bhtn", q.float(), k_ext.float()) * self.attn.scaling
         t_pos = torch.arange(P, N, device=q.device)[:, None]
@@ -83,9 +104,15 @@ class Hedgehog(Mixer):
         allowed = allowed & (v_ext[..., -1].transpose(1, 2)[:, :, None, :] > 0)   # real keys only [B,H,1,N]
         if packed is not None:                                              # no cache: P = 0, N = T
             allowed = allowed & (packed.seq_idx[:, None, :, None] == packed.seq_idx[:, None, None, :])
-        return self._softmax_sums(scores, allowed, v_ext, "bhtn,bnhv->bthv")
+        sink = None
+        if past_window is not None:
+            key, value = self._sink(q)
+            sink = (torch.einsum("bthd,hd->bht", q.float(), key)[..., None] * self.attn.scaling,
+                    past_window.transpose(1, 2)[..., None], value[None, None].expand(k_ext.shape[0], 1, -1, -1), 1)
+            allowed = allowed.expand(*sink[1].shape[:3], -1)
+        return self._softmax_sums(scores, allowed, v_ext, "bhtn,bnhv->bthv", sink)
 
-    def _window_blocked(self, q, k, v, packed):
+    def _window_blocked(self, q, k, v, packed, past_window=None):
         """The same sums from an empty cache in blocks of W queries, each over its 2W nearest keys: [B,T,H,Dv+1]."""
         import torch.nn.functional as F
         B, T, H, D = q.shape
@@ -105,7 +132,14 @@ class Hedgehog(Mixer):
             seq_k = F.pad(packed.seq_idx, (W, pad), value=-1).unfold(1, 2 * W, W)   # [B,nb,2W]
             seq_q = F.pad(packed.seq_idx, (0, pad), value=-2).view(B, nb, W)
             allowed = allowed & (seq_q[:, :, None, :, None] == seq_k[:, :, None, None, :])
-        out = self._softmax_sums(scores, allowed, vw, "bnhwk,bnhvk->bnwhv")          # [B,nb,W,H,Dv+1]
+        sink = None
+        if past_window is not None:
+            key, value = self._sink(q)
+            seen = F.pad(past_window.float(), (0, 0, 0, pad)).view(B, nb, W, H).transpose(2, 3) > 0   # [B,nb,H,W]
+            sink = (torch.einsum("bnwhd,hd->bnhw", qb, key)[..., None] * self.attn.scaling, seen[..., None],
+                    value[None, None, :, :, None].expand(B, nb, -1, -1, 1), -1)
+            allowed = allowed.expand(*seen.shape, -1)
+        out = self._softmax_sums(scores, allowed, vw, "bnhwk,bnhvk->bnwhv", sink)    # [B,nb,W,H,Dv+1]
         return out.reshape(B, nb * W, H, -1)[:, :T]
 
     def _mix_windowed(self, q, k, v1, phi_q, cache, packed=None):
@@ -119,10 +153,6 @@ class Hedgehog(Mixer):
         N = k_ext.shape[1]
         P = N - T                                                          # cached keys before the new ones
         k_ext, v_ext = self.expand(k_ext), self.expand(v_ext).float()
-        if P == 0 and T > 2 * W:   # long prefill: O(T·W) blocks instead of a T x T score matrix
-            sw = self._window_blocked(q, k_ext, v_ext, packed)
-        else:
-            sw = self._window_dense(q, k_ext, v_ext, P, packed)
         # linear part: keys enter the state once they leave the window (extended position <= t - W)
         state = self.read_state(cache)
         phi_k = self.feature_map(k_ext, self.feature_k)
@@ -158,6 +188,12 @@ class Hedgehog(Mixer):
                                        initial_state=state, output_final_state=cache is not None, scale=1.0)
             lin = lin[:, P:N]
         self.write_state(cache, new_state)
+        # the sink is seen by queries some key has left the window of: exactly those with a linear normaliser > 0
+        past_window = lin[..., -1] > 0 if hasattr(self, "sink_key") else None
+        if P == 0 and T > 2 * W:   # long prefill: O(T·W) blocks instead of a T x T score matrix
+            sw = self._window_blocked(q, k_ext, v_ext, packed, past_window)
+        else:
+            sw = self._window_dense(q, k_ext, v_ext, P, packed, past_window)
         f = torch.sigmoid(self.window_factor.float())[:, None]             # [H,1]
         mixed = f * sw + (1 - f) * lin
         return mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])

@@ -29,7 +29,7 @@ from .mixer_gated_deltanet import GatedDeltaNet  # noqa: F401  (registers the mi
 from .mixer_gla import GLA  # noqa: F401
 from .mixer_hedgehog import Hedgehog  # noqa: F401
 from .mixer_mamba2 import Mamba2  # noqa: F401
-from .attention_windowed import WINDOWED_IMPLEMENTATION, BlockedWindow
+from .attention_windowed import WINDOWED_IMPLEMENTATION, BlockedWindow, add_attention_sink
 from .arch_registry import get_architecture
 from .configuration_rnnify import WINDOWED_ATTENTION, RnnifyConfig, attention_layer_types
 from .mixer_registry import Mixer, PackedSequences, get_mixer
@@ -78,13 +78,16 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
 
     def route_windowed_attention(self) -> None:
         """Kept softmax layers of type ``chunked_attention`` (``config.attention_window``) dispatch through
-        the blocked-window implementation; call again after a layer's type changes."""
+        the blocked-window implementation, with their attention sink if ``config.attention_sink``; call again
+        after a layer's type changes."""
         if not self.config.attention_window:
             return
         for i, kind in enumerate(self.config.layer_types):
             attn = self.model.layers[i].self_attn
             if kind != WINDOWED_ATTENTION or hasattr(attn.config, "rnnify_base_attention"):
                 continue
+            if self.config.attention_sink:
+                add_attention_sink(attn)
             routed = copy.copy(attn.config)   # this layer's view of the teacher config; the others keep theirs
             routed.rnnify_base_attention = attn.config._attn_implementation or "sdpa"
             routed.rnnify_attention_window = self.config.attention_window
@@ -176,6 +179,8 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             elif kind == WINDOWED_ATTENTION:   # kept softmax attention over the last attention_window tokens
                 windowed = copy.copy(mask_config)
                 windowed.sliding_window = self.config.attention_window
+                if self.config.attention_sink:   # the sink's column is added to a boolean (sdpa-style) mask
+                    windowed._attn_implementation_internal = "sdpa"
                 masks[kind] = create_sliding_window_causal_mask(
                     config=windowed, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
                     position_ids=position_ids, layer_idx=first)
