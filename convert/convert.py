@@ -9,7 +9,7 @@ import torch
 import kernels.torch_ops
 from .student.arch_registry import get_architecture
 from .student.configuration_rnnify import WINDOWED_ATTENTION, RnnifyConfig, attention_layer_types
-from .student.mixer_registry import get_mixer
+from .student.mixer_registry import Mixer, get_mixer
 from .student.modeling_rnnify import RnnifyForCausalLM
 
 STUDENT_RUNTIME = Path(__file__).parent / "student"
@@ -66,10 +66,10 @@ def convert(teacher: torch.nn.Module, mixer: dict, mixer_layers: list[int],
 
 
 def sink_modules(student: RnnifyForCausalLM) -> dict[int, torch.nn.Module]:
-    """Modules that hold an attention sink, by layer index: windowed kept attention (``rnnify_sink_key``)
-    and mixers with a sink (``sink_key``)."""
+    """Modules that hold an attention sink (``rnnify_sink_key``/``rnnify_sink_value``), by layer index:
+    windowed kept attention layers and mixers with a sink."""
     return {i: layer.self_attn for i, layer in enumerate(student.model.layers)
-            if hasattr(layer.self_attn, "rnnify_sink_key") or hasattr(layer.self_attn, "sink_key")}
+            if hasattr(layer.self_attn, "rnnify_sink_key")}
 
 
 @torch.no_grad()
@@ -83,8 +83,8 @@ def calibrate_attention_sinks(student: RnnifyForCausalLM, rows, batch_size: int 
     if not modules or not len(rows):
         return 0
     device = next(student.parameters()).device
-    kept = {i: m for i, m in modules.items() if hasattr(m, "rnnify_sink_key")}
     found = {i: [] for i in modules}
+    kept = {i: m for i, m in modules.items() if not isinstance(m, Mixer)}
     for i, attn in kept.items():
         attn.rnnify_sink_capture = found[i]   # filled by the windowed attention function
     try:
@@ -103,11 +103,9 @@ def calibrate_attention_sinks(student: RnnifyForCausalLM, rows, batch_size: int 
         for attn in kept.values():
             del attn.rnnify_sink_capture
     for i, module in modules.items():
-        key, value = ((module.rnnify_sink_key, module.rnnify_sink_value) if i in kept
-                      else (module.sink_key, module.sink_value))
-        key.copy_(torch.cat([k for k, _ in found[i]]).float().mean(0))
-        value.copy_(torch.cat([v for _, v in found[i]]).float().mean(0))
-    return sum(k.shape[0] for k, _ in next(iter(found.values())))
+        module.rnnify_sink_key.copy_(torch.cat([k for k, _ in found[i]]).float().mean(0))
+        module.rnnify_sink_value.copy_(torch.cat([v for _, v in found[i]]).float().mean(0))
+    return sum(k.shape[0] for k, _ in found[min(found)])
 
 
 def restore_attention(student: RnnifyForCausalLM, layers: list[int]) -> RnnifyForCausalLM:

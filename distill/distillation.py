@@ -25,8 +25,10 @@ from .training import TrainOptions, train
 
 def added_parameters(student) -> list[nn.Parameter]:
     """What conversion added to the teacher: the mixers' parameters and the windowed layers' attention sinks."""
-    sinks = [p for n, p in student.named_parameters() if n.rsplit(".", 1)[-1].startswith("rnnify_sink_")]
-    return [p for _, p in mixer_parameters(student)] + sinks
+    own = [p for _, p in mixer_parameters(student)]
+    seen = {id(p) for p in own}   # a mixer's own sink is among its parameters already
+    return own + [p for n, p in student.named_parameters()
+                  if n.rsplit(".", 1)[-1].startswith("rnnify_sink_") and id(p) not in seen]
 
 
 class DistillLoss(nn.Module):

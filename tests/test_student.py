@@ -411,9 +411,13 @@ def test_sink_calibration_takes_the_teachers_first_token_key_and_value():
     rows = [{"input_ids": torch.randint(0, 97, (8,), generator=g).tolist(), "position_ids": [0, 1, 2, 3, 0, 1, 2, 3]}
             for _ in range(3)]
     assert calibrate_attention_sinks(student, rows, batch_size=2) == 6   # two documents per row
+    from distill.distillation import added_parameters
+    added = added_parameters(student)
+    assert len({id(p) for p in added}) == len(added)   # each once
+    assert all(any(p is a for a in added) for n, p in student.named_parameters() if "rnnify_sink_" in n)
     firsts = torch.tensor([[r["input_ids"][0], r["input_ids"][4]] for r in rows]).flatten()
     with torch.no_grad():
-        for i, (key, value) in {0: ("sink_key", "sink_value"), 1: ("rnnify_sink_key", "rnnify_sink_value")}.items():
+        for i in (0, 1):   # a Hedgehog mixer, a kept windowed layer
             # position 0 sees only itself, so its input is the teacher's layer-i input on that token alone
             h = teacher.model.embed_tokens(firsts)[:, None]
             for layer in teacher.model.layers[:i]:
@@ -421,5 +425,5 @@ def test_sink_calibration_takes_the_teachers_first_token_key_and_value():
             attn = teacher.model.layers[i].self_attn
             x = teacher.model.layers[i].input_layernorm(h)[:, 0]
             module = student.model.layers[i].self_attn
-            torch.testing.assert_close(getattr(module, key), attn.k_proj(x).view(6, 2, 16).mean(0))
-            torch.testing.assert_close(getattr(module, value), attn.v_proj(x).view(6, 2, 16).mean(0))
+            torch.testing.assert_close(module.rnnify_sink_key, attn.k_proj(x).view(6, 2, 16).mean(0))
+            torch.testing.assert_close(module.rnnify_sink_value, attn.v_proj(x).view(6, 2, 16).mean(0))

@@ -38,8 +38,8 @@ class Hedgehog(Mixer):
         if self.window:
             self.window_factor = nn.Parameter(torch.empty(H))
         if self.window and self.opts["sink"]:
-            self.sink_key = nn.Parameter(torch.empty(self.num_kv_heads, D))
-            self.sink_value = nn.Parameter(torch.empty(self.num_kv_heads, D))
+            self.rnnify_sink_key = nn.Parameter(torch.empty(self.num_kv_heads, D))
+            self.rnnify_sink_value = nn.Parameter(torch.empty(self.num_kv_heads, D))
         self.reset_rnnify_parameters()
 
     def reset_rnnify_parameters(self):
@@ -50,9 +50,9 @@ class Hedgehog(Mixer):
             self.feature_k.copy_(torch.eye(D, F).repeat(H, 1, 1))
             if self.window:
                 self.window_factor.zero_()
-            if hasattr(self, "sink_key"):   # zeros until calibrated on the teacher's first tokens
-                self.sink_key.zero_()
-                self.sink_value.zero_()
+            if hasattr(self, "rnnify_sink_key"):   # zeros until calibrated on the teacher's first tokens
+                self.rnnify_sink_key.zero_()
+                self.rnnify_sink_value.zero_()
 
     @staticmethod
     def feature_map(x, weight):
@@ -87,10 +87,10 @@ class Hedgehog(Mixer):
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         return torch.einsum(equation, (scores - m).exp(), values)
 
-    def _sink(self, q):
+    def _sink(self):
         """The sink's key [H, D] and value [H, Dv+1] per query head (``expand``ed from the KV heads)."""
-        key = self.expand(self.sink_key.float()[None, None])[0, 0]
-        value = self.expand(self.sink_value.float()[None, None])[0, 0]
+        key = self.expand(self.rnnify_sink_key.float()[None, None])[0, 0]
+        value = self.expand(self.rnnify_sink_value.float()[None, None])[0, 0]
         return key, torch.cat([value, torch.ones_like(value[:, :1])], dim=-1)
 
     def _window_dense(self, q, k_ext, v_ext, P, packed, past_window=None):
@@ -106,7 +106,7 @@ class Hedgehog(Mixer):
             allowed = allowed & (packed.seq_idx[:, None, :, None] == packed.seq_idx[:, None, None, :])
         sink = None
         if past_window is not None:
-            key, value = self._sink(q)
+            key, value = self._sink()
             sink = (torch.einsum("bthd,hd->bht", q.float(), key)[..., None] * self.attn.scaling,
                     past_window.transpose(1, 2)[..., None], value[None, None].expand(k_ext.shape[0], 1, -1, -1), 1)
             allowed = allowed.expand(*sink[1].shape[:3], -1)
@@ -134,7 +134,7 @@ class Hedgehog(Mixer):
             allowed = allowed & (seq_q[:, :, None, :, None] == seq_k[:, :, None, None, :])
         sink = None
         if past_window is not None:
-            key, value = self._sink(q)
+            key, value = self._sink()
             seen = F.pad(past_window.float(), (0, 0, 0, pad)).view(B, nb, W, H).transpose(2, 3) > 0   # [B,nb,H,W]
             sink = (torch.einsum("bnwhd,hd->bnhw", qb, key)[..., None] * self.attn.scaling, seen[..., None],
                     value[None, None, :, :, None].expand(B, nb, -1, -1, 1), -1)
@@ -189,7 +189,7 @@ class Hedgehog(Mixer):
             lin = lin[:, P:N]
         self.write_state(cache, new_state)
         # the sink is seen by queries some key has left the window of: exactly those with a linear normaliser > 0
-        past_window = lin[..., -1] > 0 if hasattr(self, "sink_key") else None
+        past_window = lin[..., -1] > 0 if hasattr(self, "rnnify_sink_key") else None
         if P == 0 and T > 2 * W:   # long prefill: O(T·W) blocks instead of a T x T score matrix
             sw = self._window_blocked(q, k_ext, v_ext, packed, past_window)
         else:
