@@ -55,7 +55,7 @@ def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
     """A ``huggingface_hub.ModelCard``: metadata from the report, body = how to load + the comparison tables."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from eval.report import RECALL_CAPTION, perplexity_table, recall_table, stages_table, tasks_table
+    from eval.report import RECALL_CAPTION, kept_window, perplexity_table, recall_table, stages_table, tasks_table
     from eval.speed import markdown as speed_markdown
 
     teacher = report.get("teacher_card") or {}
@@ -76,7 +76,7 @@ def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
             f"A recurrent student of `{base_model or report['teacher']}` made with "
             f"[rnnify](https://github.com/rnnify/rnnify): {len(report['mixer_layers'])} of {n} attention layers "
             f"replaced by `{mixer}` mixers initialised from the attention weights, then distilled from the teacher. "
-            f"Softmax attention kept in layers {report['attention_layers'] or 'none'}.",
+            f"Softmax attention kept in layers {report['attention_layers'] or 'none'}{kept_window(report)}.",
             "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
             f"tok = AutoTokenizer.from_pretrained({path!r})",
             f"model = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)",

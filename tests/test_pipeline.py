@@ -273,3 +273,13 @@ def test_eval_command_reevaluates_a_finished_run(run_dir, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "convert", "eval", str(REPO / "tests/recipes/tiny.yaml"),
                               f"output_dir={tmp_path / 'none'}"], capture_output=True, text=True, env=env, cwd=REPO)
     assert missing.returncode == 2 and "has no finished run" in missing.stderr
+
+
+def test_report_and_card_say_how_kept_layers_attend():
+    from eval.report import kept_window
+    assert kept_window({"attention_layers": [0, 2], "attention_window": 512, "attention_sink": True}) == \
+        ", over their last 512 tokens, plus an attention sink standing in for the first token"
+    assert kept_window({"attention_layers": [0], "attention_window": 2048, "attention_sink": False}) == \
+        ", over their last 2,048 tokens"
+    assert kept_window({"attention_layers": [0]}) == ""                       # full attention, or an older report
+    assert kept_window({"attention_layers": [], "attention_window": 512}) == ""   # nothing kept
