@@ -329,8 +329,10 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     t0 = time.perf_counter()
     student = convert(teacher, recipe.convert.mixer.model_dump(), layers, recipe.convert.attention_window,
                       recipe.convert.uses_attention_sink)
+    prepared_rows = {}   # stage index -> (rows, held-out rows), for rows needed before their stage runs
     if recipe.convert.calibrates_sinks and recipe.stages:
-        rows, _ = stage_rows(recipe, 0, tokenizer, recipe_path)
+        prepared_rows[0] = stage_rows(recipe, 0, tokenizer, recipe_path)
+        rows = prepared_rows[0][0]
         n = calibrate_attention_sinks(student, rows.select(range(min(SINK_CALIBRATION_ROWS, len(rows)))),
                                       recipe.stages[0].batch_size)
         log.info("attention sinks: the teacher's mean first-token key/value over %d sequence starts", n)
@@ -364,7 +366,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
 
     stages = []
     for i, stage in enumerate(recipe.stages):
-        rows, held = stage_rows(recipe, i, tokenizer, recipe_path)
+        rows, held = prepared_rows.pop(i, None) or stage_rows(recipe, i, tokenizer, recipe_path)
         fingerprint = stage_fingerprint(recipe, i, fingerprint, rows)
         stage_dir = out / "stages" / f"{i}-{stage.name}"
         done = completed_stage(stage_dir, fingerprint)

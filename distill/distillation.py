@@ -5,10 +5,11 @@
 averaged over positions.  The teacher is not a second model: its logits come from the same modules run
 with the original attention (``teacher_attention()``) and, with LoRA, with the adapters disabled, so the
 only extra memory is one set of activations.  Trainable: LoRA adapters (``peft``) on the recipe's target
-modules plus the parameters conversion added (the mixers' own, and the attention sinks of windowed kept
-layers) (``trainable: lora``), those added parameters only (``trainable: mixers``), or every weight (``trainable: full``).  Adapters are merged into the weights at
-the end of the stage.  Full training changes the weights the teacher is made of, so it alone keeps a
-frozen copy of the model as the teacher (one more set of weights in memory, besides AdamW's two).
+modules plus the parameters conversion added, i.e. the mixers' own and the windowed kept layers' attention
+sinks (``trainable: lora``); those added parameters only (``trainable: mixers``); or every weight
+(``trainable: full``).  Adapters are merged into the weights at the end of the stage.  Full training
+changes the weights the teacher is made of, so it alone keeps a frozen copy of the model as the teacher
+(one more set of weights in memory, besides AdamW's two).
 """
 from __future__ import annotations
 

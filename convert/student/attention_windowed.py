@@ -76,7 +76,7 @@ def with_sink(keys: torch.Tensor, values: torch.Tensor, sink) -> tuple[torch.Ten
 
 def add_attention_sink(attn: torch.nn.Module) -> None:
     """Give a kept attention module its sink parameters (zeros: a key scoring 0 with a zero value, until
-    ``calibrate`` sets the teacher's first-token statistics)."""
+    rnnify's ``calibrate_attention_sinks`` sets the teacher's first-token statistics)."""
     if hasattr(attn, "rnnify_sink_key"):
         return
     weight = attn.k_proj.weight if hasattr(attn, "k_proj") else next(attn.parameters())
