@@ -108,8 +108,68 @@ def calibrate_attention_sinks(student: RnnifyForCausalLM, rows, batch_size: int 
     return sum(k.shape[0] for k, _ in found[min(found)])
 
 
+def _output_norms(student: RnnifyForCausalLM) -> dict[int, Mixer]:
+    """Mixers whose output ends in a ``HeadRMSNorm`` (gain and bias to calibrate), by layer index."""
+    from .student.mixer_registry import HeadRMSNorm
+    return {i: student.model.layers[i].self_attn for i in student.config.mixer_layers
+            if isinstance(getattr(student.model.layers[i].self_attn, "norm", None), HeadRMSNorm)}
+
+
+@torch.no_grad()
+def calibrate_output_norms(student: RnnifyForCausalLM, rows, batch_size: int = 4) -> int:
+    """Fit each mixer's output-norm gain g and bias b [H, D] by least squares, per head and channel, so that
+    g ⊙ n + b (n: the mixer's normalised output) best matches the teacher's attention output before o_proj
+    on ``rows`` (packed rows).  A least-squares fit with an intercept is never worse than the best constant,
+    so every calibrated mixer starts closer to the attention it replaces than a zero output (on these rows).
+    Returns how many tokens were fitted (0: no such mixer, or no rows)."""
+    from distill.data import collate_packed
+
+    mixers = _output_norms(student)
+    if not mixers or not len(rows):
+        return 0
+    device = next(student.parameters()).device
+    targets: dict[int, torch.Tensor] = {}
+    hooks = [m.attn.o_proj.register_forward_pre_hook(
+        lambda _module, args, i=i: targets.__setitem__(i, args[0].detach())) for i, m in mixers.items()]
+    saved = {i: (m.norm.weight.clone(), m.norm.bias.clone()) for i, m in mixers.items()}
+    sums = {i: None for i in mixers}
+    try:
+        for m in mixers.values():
+            m.norm.reset_parameters()   # g = 1, b = 0: the mixer returns the normalised n itself
+        for lo in range(0, len(rows), batch_size):
+            batch = collate_packed([rows[j] for j in range(lo, min(lo + batch_size, len(rows)))])
+            ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
+            capture: dict = {}
+            with student.teacher_attention(capture):
+                student.model(input_ids=ids, position_ids=positions, use_cache=False)
+            position_embeddings = student.model.rotary_emb(capture[min(capture)][0], position_ids=positions)
+            packed = student.packed_sequences(positions)
+            for i, m in mixers.items():
+                n = m.mix(capture[i][0], position_embeddings, None, None, packed).float().flatten(0, 1)   # [N,H,D]
+                y = targets[i].float().reshape(n.shape)
+                part = torch.stack([n.sum(0), y.sum(0), (n * n).sum(0), (n * y).sum(0)])
+                count = torch.tensor(float(n.shape[0]), device=n.device)
+                sums[i] = (part, count) if sums[i] is None else (sums[i][0] + part, sums[i][1] + count)
+    except BaseException:
+        for i, m in mixers.items():
+            m.norm.weight.copy_(saved[i][0])
+            m.norm.bias.copy_(saved[i][1])
+        raise
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, m in mixers.items():
+        (sn, sy, snn, sny), N = sums[i]
+        var = snn - sn * sn / N
+        gain = torch.where(var > 1e-12 * N, (sny - sn * sy / N) / var.clamp_min(1e-30), torch.zeros_like(var))
+        m.norm.weight.copy_(gain)
+        m.norm.bias.copy_((sy - gain * sn) / N)
+    return int(next(iter(sums.values()))[1].item())
+
+
 def restore_attention(student: RnnifyForCausalLM, layers: list[int]) -> RnnifyForCausalLM:
-    """Give converted ``layers`` back the teacher's softmax attention (each mixer holds it as ``attn``), in place.
+    """Give converted ``layers`` back the teacher's softmax attention (each mixer holds it as ``attn``, or as a
+    frozen copy once stage 1 trained the projections), in place.
 
     The result equals converting with those layers kept: same modules, weights, ``mixer_layers`` and
     ``layer_types``; the mixers' trained parameters of the other layers are untouched.
@@ -120,7 +180,7 @@ def restore_attention(student: RnnifyForCausalLM, layers: list[int]) -> RnnifyFo
     teacher_types = student._teacher_layer_types
     for i in layers:
         block = student.model.layers[i]
-        block.self_attn = block.self_attn.attn
+        block.self_attn = block.self_attn.teacher_attention_module
         window = student.config.attention_window
         student.config.layer_types[i] = WINDOWED_ATTENTION if window else teacher_types[i]
     student.config.mixer_layers = [i for i in student.config.mixer_layers if i not in set(layers)]

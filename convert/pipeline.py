@@ -14,10 +14,11 @@ import yaml
 from distill.attention_transfer import train_attention_transfer
 from distill.distillation import train_distill
 from distill.training import NonFiniteError, ResumeError, TrainOptions
+from distill.layer_selection import kl_gains, rank_by_error, rank_by_kl
 from distill.data import DataError, document_windows, load_documents, pack_documents, take_tokens, tokenize_documents
 from eval.perplexity import perplexity
 
-from .convert import calibrate_attention_sinks, convert, restore_attention, save_student
+from .convert import calibrate_attention_sinks, calibrate_output_norms, convert, restore_attention, save_student
 from .recipe import AutoKeep, Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, recipe_hash, resolve_path
 from .teachers import TeacherError, prepare_teacher, teacher_info
 
@@ -97,6 +98,7 @@ def validate(recipe_path: str, overrides: list[str] = ()):
 
 
 SINK_CALIBRATION_ROWS = 16   # stage 0's first rows, whose document starts give the sinks' mean key/value
+OUTPUT_NORM_CALIBRATION_ROWS = 8   # stage 0's first rows, on which mixers' output norms are fitted to the attention
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}   # tracker -> the package accelerate needs
 
@@ -159,9 +161,11 @@ def stage_fingerprint(recipe: Recipe, i: int, previous: str, rows) -> str:
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def conversion_fingerprint(recipe: Recipe, location: str, mixer_layers: list[int]) -> str:
+def conversion_fingerprint(recipe: Recipe, location: str, mixer_layers: list[int],
+                           calibrated: dict[str, int] | None = None) -> str:
     """What the student after conversion depends on: teacher, mixer, converted layers, precision, seed
-    (``{auto: K}`` converts all layers: its K only matters after stage 1)."""
+    (``{auto: K}`` converts all layers: its K only matters after stage 1), and what was calibrated on how
+    many of stage 0's rows (``calibrated``: name -> rows)."""
     part = recipe.model_dump(mode="json", include={"teacher", "dtype", "seed"})
     part["mixer"], part["mixer_layers"] = recipe.convert.mixer.model_dump(mode="json"), list(mixer_layers)
     part["attention_window"] = recipe.convert.attention_window
@@ -169,6 +173,9 @@ def conversion_fingerprint(recipe: Recipe, location: str, mixer_layers: list[int
         part["attention_sink"] = {"rows": SINK_CALIBRATION_ROWS,
                                   "data": recipe.stages[0].model_dump(mode="json", include={"data", "seq_len", "tokens"})
                                   if recipe.stages else None}
+    if calibrated:
+        part["calibrated"] = {"rows": calibrated, "data": recipe.stages[0].model_dump(
+            mode="json", include={"data", "seq_len", "tokens"})}
     marker = Path(location, "RNNIFY_TEACHER.json")
     part["teacher_version"] = marker.read_text() if marker.is_file() else location
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
@@ -185,7 +192,9 @@ def train_options(stage, recipe: Recipe, device: str, fingerprint: str) -> Train
 
 
 def run_attention_transfer(student, stage, rows, held, out_dir: Path, opts: TrainOptions):
-    summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=opts, eval_rows=held)
+    summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=opts, eval_rows=held,
+                                       trainable=stage.trainable, projection_lr=stage.projection_lr,
+                                       block_weight=stage.block_weight)
     return student, summary
 
 
@@ -198,8 +207,58 @@ def run_distill(student, stage, rows, held, out_dir: Path, opts: TrainOptions):
 
 def auto_keep_layers(layer_errors: dict, spec: AutoKeep) -> list[int]:
     """The ``spec.auto`` layers with the highest held-out stage-1 error ``spec.by`` (after training), sorted."""
-    ranked = sorted(layer_errors, key=lambda layer: layer_errors[layer]["after"][spec.by], reverse=True)
-    return sorted(int(layer) for layer in ranked[:spec.auto])
+    return sorted(rank_by_error(layer_errors, spec.by)[:spec.auto])
+
+
+def run_budget_curve(recipe: Recipe, source: str, snapshot, stage0: dict, held, windows, tokenizer, out: Path,
+                     device: str, fingerprint: str, main: bool, final: dict | None) -> dict:
+    """``budget_curve``: from ``snapshot`` (the student right after stage ``after_stage``, whose summary is
+    ``stage0``), for each ranking and each K, give the K top-ranked layers their softmax attention back, run the
+    later stages again under ``<out>/budget_curve/<ranking>-K<K>/`` and evaluate: held-out perplexity, the recipe's
+    lm-eval tasks and passkey retrieval, and cache memory at ``cache_context`` tokens.  ``final``: the main run's
+    final figures, reused for K = 0 when the main run is that student."""
+    import copy
+
+    from eval.speed import measure
+
+    curve = recipe.budget_curve
+    rankings = {}
+    for by in curve.rank_by:
+        if by == "kl":
+            gains = kl_gains(snapshot, held.select(range(min(curve.kl_rows, len(held)))), recipe.stages[0].batch_size)
+            rankings[by] = {"order": rank_by_kl(gains), "kl_gain": {str(i): g for i, g in gains.items()}}
+        else:
+            rankings[by] = {"order": rank_by_error(stage0["layer_errors"], by)}
+    rows = []
+    for K in sorted(set(curve.keep)):
+        for by in (curve.rank_by[:1] if K == 0 else curve.rank_by):   # K = 0 is the same student for every ranking
+            kept = sorted(rankings[by]["order"][:K])
+            name = f"{'none' if K == 0 else by}-K{K}"
+            log.info("budget curve %s: softmax attention back in layers %s", name, kept)
+            if K == 0 and final is not None:
+                student, figures = None, dict(final)
+            else:
+                student = restore_attention(copy.deepcopy(snapshot), kept)
+                key = hashlib.sha256(f"{fingerprint}|{name}".encode()).hexdigest()[:16]
+                for i in range(curve.after_stage + 1, len(recipe.stages)):
+                    stage = recipe.stages[i]
+                    rows_i, held_i = stage_rows(recipe, i, tokenizer, source)
+                    stage_dir = out / "budget_curve" / name / "stages" / f"{i}-{stage.name}"
+                    key = stage_fingerprint(recipe, i, key, rows_i)
+                    student, _ = STAGE_RUNNERS[stage.name](student, stage, rows_i, held_i, stage_dir,
+                                                           train_options(stage, recipe, device, key))
+                    student.eval()
+                figures = {"perplexity": perplexity(student, windows, recipe.eval.batch_size),
+                           "tasks": evaluate_tasks(student, tokenizer, recipe, out, f"budget_{name}", None) if main else {},
+                           "recall": measure_recall(student, tokenizer, recipe) if main else None}
+            # the cache depends on which layers attend, not on trained weights: the snapshot stands in for K = 0
+            model = student if student is not None else snapshot
+            figures["cache_mb"] = measure(model, curve.cache_context, new_tokens=1)["cache_mb"]
+            rows.append({"keep": K, "rank_by": by if K else None, "layers": kept, **figures})
+            del student
+    return {"rankings": rankings, "rows": rows, "cache_context": curve.cache_context,
+            "kept_attend": f"last {recipe.convert.attention_window:,} tokens" if recipe.convert.attention_window
+            else "full context (KV cache grows)"}
 
 
 # stage name -> how the pipeline runs it: (student, stage, rows, held-out rows, out dir, options) -> (student, summary)
@@ -247,6 +306,21 @@ def measure_speed(model, name: str, recipe: Recipe) -> list[dict]:
     return profile(model, name, spec.lengths, new_tokens=spec.new_tokens, batch_size=spec.batch_size)
 
 
+def component_ablation(student, windows, recipe: Recipe, student_perplexity: float) -> dict | None:
+    """The student with its recurrent part off beside itself as trained, when anything in it keeps a softmax
+    window (windowed mixers, or kept layers limited to ``attention_window``); None otherwise."""
+    mixer_window = getattr(recipe.convert.mixer, "window", None)
+    if not student.config.mixer_layers or not (mixer_window or recipe.convert.attention_window):
+        return None
+    with student.recurrent_part_off():
+        window_only = perplexity(student, windows, recipe.eval.batch_size)
+    shares = student.window_shares()
+    return {"student": student_perplexity, "window_only": window_only,
+            "off_means": "window and sink only" if mixer_window else "mixers output zero",
+            "carries_context": window_only > student_perplexity,
+            "window_share": {str(i): v for i, v in shares.items()}}
+
+
 def finish_speed_and_recall(student, tokenizer, recipe: Recipe, out: Path, device: str, teacher_speed: list[dict],
                             recall: dict | None) -> tuple[dict | None, dict | None]:
     """The student's side of the speed/memory and passkey comparisons begun on the teacher; writes speed.png."""
@@ -256,7 +330,7 @@ def finish_speed_and_recall(student, tokenizer, recipe: Recipe, out: Path, devic
         speed = summarize(teacher_speed + measure_speed(student, "student", recipe), "teacher",
                           **recipe.eval.speed.model_dump(), device=device)
         plot(speed, out / "speed.png")
-    if recall is not None:
+    if recall is not None and "student" not in recall:   # the budget curve may have measured it already
         recall["student"] = measure_recall(student, tokenizer, recipe)
     return speed, recall
 
@@ -338,12 +412,20 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         log.info("attention sinks: the teacher's mean first-token key/value over %d sequence starts", n)
     elif recipe.convert.calibrates_sinks:
         log.warning("attention sinks start from zeros: no stage data to calibrate them on")
+    calibrated = {}
+    if recipe.stages:
+        rows = (prepared_rows.get(0) or prepared_rows.setdefault(0, stage_rows(recipe, 0, tokenizer, recipe_path)))[0]
+        n = calibrate_output_norms(student, rows.select(range(min(OUTPUT_NORM_CALIBRATION_ROWS, len(rows)))),
+                                   recipe.stages[0].batch_size)
+        if n:
+            calibrated["output_norms"] = OUTPUT_NORM_CALIBRATION_ROWS
+            log.info("mixer output norms: gain and bias fitted to the teacher's attention output over %d tokens", n)
     timings["convert_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     windows = document_windows(tokenize_documents(heldout_documents(recipe, recipe_path), tokenizer),
                                recipe.eval.seq_len, recipe.eval.max_tokens)
-    fingerprint = conversion_fingerprint(recipe, location, layers)
+    fingerprint = conversion_fingerprint(recipe, location, layers, calibrated)
     eval_key = {"conversion": fingerprint, "eval": recipe.eval.model_dump(mode="json")}
     ppl = {"teacher": cached_evaluation(out, "teacher", eval_key, main,
                                         partial(perplexity, teacher, windows, recipe.eval.batch_size)),
@@ -382,6 +464,10 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         stage_key = fingerprint
         if done:
             summary = done
+        if recipe.budget_curve and i == recipe.budget_curve.after_stage:
+            import copy
+            curve_start = (copy.deepcopy(student), summary, held if held is not None else
+                           stage_rows(recipe, i, tokenizer, recipe_path)[1], fingerprint)
         if i == 0 and isinstance(recipe.convert.keep_attention, AutoKeep):
             kept = auto_keep_layers(summary["layer_errors"], recipe.convert.keep_attention)
             student = restore_attention(student, kept)
@@ -402,6 +488,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
                 _write_json_atomic(stage_dir / DONE_FILE, {"fingerprint": stage_key, "summary": summary})
         stages.append(summary)
     ppl["student"] = stages[-1]["perplexity"] if stages else ppl["student_after_init"]
+    ablation = component_ablation(student, windows, recipe, ppl["student"])
     if "student" in recipe.eval.tasks_at and main:
         tasks["student"] = stages[-1].get("tasks", {}) if stages else cached_evaluation(
             out, "tasks_student_after_init", eval_key, main,
@@ -409,6 +496,19 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     for i, summary in enumerate(stages):
         if "stages" in recipe.eval.tasks_at and "tasks" in summary:
             tasks[f"after_stage_{i}"] = summary["tasks"]
+    budget_curve = None
+    if recipe.budget_curve:
+        snapshot, summary0, held0, key0 = curve_start
+        n_layers = teacher_config.num_hidden_layers
+        final = None
+        if len(layers) == n_layers:   # the main run is the K = 0 student
+            final = {"perplexity": ppl["student"], "tasks": tasks.get("student", {}),
+                     "recall": measure_recall(student, tokenizer, recipe) if main else None}
+            if recall is not None:
+                recall["student"] = final["recall"]
+        budget_curve = run_budget_curve(recipe, recipe_path, snapshot, summary0, held0, windows, tokenizer, out,
+                                        device, key0, main, final)
+        del snapshot
 
     t0 = time.perf_counter()
     if main:
@@ -435,6 +535,8 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         "attention_window": recipe.convert.attention_window,
         "attention_sink": recipe.convert.uses_attention_sink,
         "stages": stages,
+        "component_ablation": ablation,
+        "budget_curve": budget_curve,
         "tasks": tasks,
         "speed": speed,
         "recall": recall,
@@ -508,6 +610,9 @@ def print_summary(report: dict) -> None:
         for t, s in zip(report["recall"]["teacher"], report["recall"]["student"]):
             recall_table.add_row(f"{t['context']:,}", f"{t['accuracy']:.2f}", f"{s['accuracy']:.2f}")
         console.print(recall_table)
+    if report.get("component_ablation"):
+        from eval.report import ablation_section
+        console.print(ablation_section(report).rsplit("\n\n", 1)[-1])
     if report["teacher_untrained"]:
         console.print("[bold yellow]note:[/] the teacher is untrained (random weights); these figures only show "
                       "that the pipeline runs.")
@@ -544,6 +649,7 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
     student = student.to(device).eval()
     report["perplexity"]["student"] = perplexity(student, windows, recipe.eval.batch_size)
     report["perplexity_tokens"] = sum(len(w) for w in windows)
+    report["component_ablation"] = component_ablation(student, windows, recipe, report["perplexity"]["student"])
     if "student" in recipe.eval.tasks_at:
         tasks["student"] = evaluate_tasks(student, tokenizer, recipe, out, "student", str((out / "student").resolve()))
     report["tasks"] = tasks

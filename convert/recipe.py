@@ -63,6 +63,8 @@ class Mamba2Options(_DtRange):
     dt_min: Annotated[float, Field(gt=0)] = 0.001
     dt_max: Annotated[float, Field(gt=0)] = 0.1
     a_init_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1.0, 16.0)
+    conv: Annotated[int, Field(ge=0, le=16, description="short causal conv taps on x/B/C (0: none)")] = 4
+    gate: bool = Field(True, description="output gate silu(W_z h) before the output norm")
 
 
 class GLAOptions(_Strict):
@@ -78,6 +80,8 @@ class GatedDeltaNetOptions(_DtRange):
     rope: bool = True
     dt_min: Annotated[float, Field(gt=0)] = 0.001
     dt_max: Annotated[float, Field(gt=0)] = 0.1
+    conv: Annotated[int, Field(ge=0, le=16, description="short causal conv taps on q/k/v (0: none)")] = 4
+    gate: bool = Field(True, description="output gate silu(W_z h) before the output norm")
 
 
 MixerOptions = Annotated[Union[HedgehogOptions, Mamba2Options, GLAOptions, GatedDeltaNetOptions],
@@ -313,10 +317,23 @@ class _TrainingStage(_Strict):
 
 
 class AttentionTransferStage(_TrainingStage):
-    """Stage 1: train each mixer to reproduce its layer's attention output (teacher frozen, mixers only)."""
+    """Stage 1: train each mixer to reproduce its layer's attention output (and optionally its block's output)."""
     name: Literal["attention_transfer"]
     lr: Annotated[float, Field(gt=0)] = 1e-2
     eval_rows: Annotated[int, Field(ge=0, description="held-out rows for the per-layer errors before/after")] = 8
+    trainable: Literal["mixers", "attention"] = Field(
+        "mixers", description="mixers: the parameters conversion added (LoLCATs); attention: also the q/k/v/o "
+                              "projections each mixer was initialised from (Mamba-in-the-Llama, MOHAWK)")
+    projection_lr: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="learning rate of the projections with trainable: attention (default: lr)")
+    block_weight: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="weight of the block-output alignment loss (MOHAWK's hidden-state alignment); 0: off")
+
+    @model_validator(mode="after")
+    def _projection_lr_needs_projections(self):
+        if self.projection_lr is not None and self.trainable != "attention":
+            raise ValueError("projection_lr needs trainable: attention (only then are the projections trained)")
+        return self
 
 
 class LoraOptions(_Strict):
@@ -348,6 +365,21 @@ class DistillStage(_TrainingStage):
 STAGES: dict[str, type[BaseModel]] = {"attention_transfer": AttentionTransferStage, "distill": DistillStage}   # stage name -> section
 
 
+class BudgetCurve(_Strict):
+    """Quality against the number of layers that keep softmax attention, from one attention-transfer stage over
+    all converted layers: for each ranking and each K, the K top-ranked layers get their attention back, the
+    stages after ``after_stage`` run again on that hybrid, and it is evaluated."""
+    keep: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
+        description="numbers of layers that get softmax attention back, e.g. [0, 1, 2, 4, 8]")
+    rank_by: Annotated[list[Literal["relative_mse", "mse", "kl"]], Field(min_length=1)] = Field(
+        ["relative_mse", "kl"], description="relative_mse/mse: the stage's held-out attention-transfer error; kl: "
+                                            "how much the student's KL to the teacher drops with that layer alone "
+                                            "given back its attention")
+    after_stage: Annotated[int, Field(ge=0)] = Field(0, description="the attention_transfer stage each budget starts from")
+    kl_rows: Annotated[int, Field(gt=0, description="held-out rows for the KL ranking")] = 4
+    cache_context: Annotated[int, Field(gt=0, description="context length of the cache-memory column")] = 2048
+
+
 class Recipe(_Strict):
     output_dir: str
     teacher: str = Field(description="Hub name, local folder, or builtin:<name> prepared offline")
@@ -361,6 +393,23 @@ class Recipe(_Strict):
     eval: EvalSection = Field(default_factory=EvalSection)
     stages: list[Annotated[Union[AttentionTransferStage, DistillStage], Field(discriminator="name")]] = \
         Field(default_factory=list)
+    budget_curve: BudgetCurve | None = Field(None, description="quality vs softmax layers kept (null: not measured)")
+
+    @model_validator(mode="after")
+    def _budget_curve_starts_from_attention_transfer(self):
+        curve = self.budget_curve
+        if curve is None:
+            return self
+        if curve.after_stage >= len(self.stages) or self.stages[curve.after_stage].name != "attention_transfer":
+            raise ValueError(f"budget_curve.after_stage: stages[{curve.after_stage}] must be an attention_transfer "
+                             "stage (the budgets start from its mixers)")
+        if self.stages[curve.after_stage].eval_rows == 0:
+            raise ValueError(f"budget_curve: layers are ranked on held-out rows: stages[{curve.after_stage}].eval_rows "
+                             "must be at least 1")
+        if isinstance(self.convert.keep_attention, AutoKeep):
+            raise ValueError("budget_curve: convert.keep_attention {auto: K} already picks one budget; convert the "
+                             "layers to compare (e.g. convert.layers: all) and list the budgets in budget_curve.keep")
+        return self
 
     @model_validator(mode="after")
     def _auto_keep_after_attention_transfer(self):
@@ -539,6 +588,9 @@ def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[i
             raise RecipeError(f"{source}: convert.mixer.window: the teacher keeps sliding-window attention "
                               f"({teacher_window}) in layers {sorted(kept_layers)[:4]}...; a different mixer window "
                               "cannot share the cache config: use the same window or convert those layers")
+    if recipe.budget_curve and max(recipe.budget_curve.keep) > len(layers):
+        raise RecipeError(f"{source}: budget_curve.keep: {max(recipe.budget_curve.keep)} layers cannot get attention "
+                          f"back: only {len(layers)} are converted")
     if getattr(mixer, "feature_dim", None) and mixer.feature_dim > 4 * head_dim:
         raise RecipeError(f"{source}: convert.mixer.feature_dim: {mixer.feature_dim} is over 4 x head_dim ({head_dim})")
     return layers

@@ -6,9 +6,18 @@ mixer is then trained to reproduce its layer's output from the same input,
 
     loss = mean_i  mean((mixer_i(x_i) − y_i)²)
 
-all layers at once from teacher activations (no error compounds through student layers).  Only the
-parameters a mixer adds are trained; the teacher's projections, MLPs and embeddings stay frozen.
-Runs on ``accelerate`` (one process, or ``accelerate launch`` for several).
+all layers at once from teacher activations (no error compounds through student layers).
+
+``trainable``: ``mixers`` trains only the parameters a mixer adds (LoLCATs); ``attention`` also trains the
+q/k/v/o projections each mixer was initialised from (Mamba-in-the-Llama, MOHAWK), at ``projection_lr``; the
+teacher's own attention is then kept as a frozen copy in each mixer (``Mixer.keep_teacher_attention``), so
+targets, later stages' teacher and restored layers stay the teacher's.  ``block_weight`` > 0 adds MOHAWK's
+hidden-state alignment: the whole decoder block with the mixer, from the teacher's block input, against the
+teacher's block output,
+
+    loss_block_i = mean((block_i(h_i) − z_i)²) / mean((z_i − h_i)²)     (relative to the block's own update)
+
+MLPs, norms and embeddings stay frozen.  Runs on ``accelerate`` (one process, or ``accelerate launch``).
 """
 from __future__ import annotations
 
@@ -32,36 +41,71 @@ def mixer_parameters(student) -> list[tuple[str, nn.Parameter]]:
             for n, p in m.named_parameters() if not n.startswith("attn.")]
 
 
+def projection_parameters(student) -> list[tuple[str, nn.Parameter]]:
+    """The teacher's attention projections inside the mixers (what ``trainable: attention`` adds)."""
+    return [(f"layers.{i}.{n}", p) for i, m in mixer_modules(student).items()
+            for n, p in m.named_parameters() if n.startswith("attn.")]
+
+
 class AttentionTransferLoss(nn.Module):
     """Wraps the student so that one module's forward computes the loss (what DDP needs to sync gradients)."""
 
-    def __init__(self, student):
+    def __init__(self, student, block_weight: float = 0.0):
         super().__init__()
         self.student = student
+        self.block_weight = block_weight
 
     def forward(self, input_ids, position_ids, labels=None):
         """input_ids, position_ids [B, T] (packed rows) -> (mean loss, {"layers": {layer: MSE}})."""
-        loss, per_layer, _ = self.per_layer(input_ids, position_ids)
-        return loss, {"layers": {str(i): v for i, v in zip(self.student.config.mixer_layers, per_layer.tolist())}}
+        loss, per_layer, _, block = self.per_layer(input_ids, position_ids)
+        extras = {"layers": {str(i): v for i, v in zip(self.student.config.mixer_layers, per_layer.tolist())}}
+        if block is not None:
+            extras["block"] = block.detach()
+        return loss, extras
 
     def per_layer(self, input_ids, position_ids):
-        """-> (mean loss, per-layer MSE [L], per-layer relative MSE [L] = MSE / mean(y²))."""
+        """-> (loss, per-layer MSE [L], per-layer relative MSE [L] = MSE / mean(y²), mean block loss or None)."""
         student = self.student
+        mixers = mixer_modules(student)
         capture: dict = {}
-        with torch.no_grad(), student.teacher_attention(capture):
-            student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        blocks: dict = {}
+        hooks = []
+        if self.block_weight:   # the teacher's block input h_i and output z_i of every converted layer
+            for i in mixers:
+                hooks.append(student.model.layers[i].register_forward_hook(
+                    lambda _m, args, kwargs, out, i=i: blocks.__setitem__(
+                        i, (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)),
+                    with_kwargs=True))
+        try:
+            with torch.no_grad(), student.teacher_attention(capture):
+                student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
         hidden = capture[min(capture)][0]
         position_embeddings = student.model.rotary_emb(hidden, position_ids=position_ids)
         packed = student.packed_sequences(position_ids)
-        losses, relative = [], []
-        for i, mixer in mixer_modules(student).items():
+        losses, relative, block_losses = [], [], []
+        for i, mixer in mixers.items():
             x, y = capture[i]
             y_hat = mixer(x, position_embeddings=position_embeddings, attention_mask=packed)[0]
             mse = (y_hat.float() - y.float()).pow(2).mean()
             losses.append(mse)
             relative.append(mse.detach() / y.float().pow(2).mean().clamp_min(1e-12))
+            if self.block_weight:
+                h, z = blocks[i]
+                z_hat = student.model.layers[i](h, attention_mask=packed, position_ids=position_ids,
+                                                position_embeddings=position_embeddings, use_cache=False)
+                z_hat = z_hat[0] if isinstance(z_hat, tuple) else z_hat
+                update = (z.float() - h.float()).pow(2).mean().clamp_min(1e-12)
+                block_losses.append((z_hat.float() - z.float()).pow(2).mean() / update)
         losses = torch.stack(losses)
-        return losses.mean(), losses.detach(), torch.stack(relative)
+        loss = losses.mean()
+        block = None
+        if block_losses:
+            block = torch.stack(block_losses).mean()
+            loss = loss + self.block_weight * block
+        return loss, losses.detach(), torch.stack(relative), block
 
 
 @torch.no_grad()
@@ -74,7 +118,7 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
     total, total_rel, n = None, None, 0
     for lo in range(0, len(rows), batch_size):
         batch = collate_packed([rows[j] for j in range(lo, min(lo + batch_size, len(rows)))])
-        _, mse, rel = loss_fn.per_layer(batch["input_ids"].to(device), batch["position_ids"].to(device))
+        _, mse, rel, _ = loss_fn.per_layer(batch["input_ids"].to(device), batch["position_ids"].to(device))
         total = mse if total is None else total + mse
         total_rel = rel if total_rel is None else total_rel + rel
         n += 1
@@ -83,19 +127,27 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
             for j, layer in enumerate(layers)}
 
 
-def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions, eval_rows=None) -> dict:
+def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions, eval_rows=None,
+                             trainable: str = "mixers", projection_lr: float | None = None,
+                             block_weight: float = 0.0) -> dict:
     """Train every mixer on its layer's attention output over ``rows`` (packed rows, one pass).
 
+    ``trainable``: ``mixers`` (their added parameters) or ``attention`` (also the projections inside them, at
+    ``projection_lr``, default ``opts.lr``); ``block_weight``: weight of the block-output alignment loss.
     Writes ``log.jsonl``, ``loss.png`` and ``layer_errors.json`` (per layer: MSE and relative MSE on
     ``eval_rows`` before and after) into ``out_dir``; returns the stage summary.
     """
-    trainable = [p for _, p in mixer_parameters(student)]
-    keep = {id(p) for p in trainable}
+    groups = [{"params": [p for _, p in mixer_parameters(student)]}]
+    if trainable == "attention":
+        for mixer in mixer_modules(student).values():
+            mixer.keep_teacher_attention()   # before any update (and before a checkpoint is restored)
+        groups.append({"params": [p for _, p in projection_parameters(student)], "lr": projection_lr or opts.lr})
+    keep = {id(p) for group in groups for p in group["params"]}
     for p in student.parameters():
         p.requires_grad_(id(p) in keep)
     errors_before = layer_errors(student, eval_rows, opts.batch_size) if eval_rows is not None else None
-    module = AttentionTransferLoss(student)
-    summary = train(module, trainable, rows, opts, out_dir, "attention_transfer")
+    module = AttentionTransferLoss(student, block_weight)
+    summary = train(module, groups, rows, opts, out_dir, "attention_transfer")
     for p in student.parameters():
         p.requires_grad_(False)
     student.eval()

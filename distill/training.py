@@ -114,6 +114,8 @@ def _number(x):
 def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: str) -> dict:
     """One pass over ``rows`` (packed rows) training ``params`` of ``module``; returns the stage summary.
 
+    ``params``: tensors, or AdamW parameter groups (dicts with ``params`` and, e.g., their own ``lr``).
+
     Writes ``<out_dir>/log.jsonl`` (one line per optimizer step: loss, lr, tokens, grad norm, extras) and
     ``<out_dir>/loss.png``.
     """
@@ -133,6 +135,8 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     loader = DataLoader(rows, batch_size=opts.batch_size, shuffle=False, collate_fn=collate_packed)
     steps = math.ceil(len(loader) / opts.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    if params and isinstance(params[0], dict):
+        params = [p for group in params for p in group["params"]]
     scheduler = get_scheduler(opts.lr_schedule, optimizer, num_warmup_steps=opts.warmup_steps,
                               num_training_steps=steps)
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)

@@ -76,6 +76,87 @@ RECALL_CAPTION = ("A 5-digit key stated once at several depths inside filler tex
                   "of greedy recall.")
 
 
+def ablation_section(report: dict) -> str:
+    """The component ablation: the final student beside itself with its recurrent part off (window + sink
+    only), the learned window shares, and a plain verdict on whether the recurrence carries context."""
+    ab = report.get("component_ablation")
+    if not ab:
+        return ""
+    teacher = report["perplexity"]["teacher"]
+    lines = ["| student | held-out perplexity | ratio to teacher |", "|---|---:|---:|",
+             f"| as trained | {ab['student']:.2f} | {ab['student'] / teacher:.2f}× |",
+             f"| recurrent part off ({ab['off_means']}) | {ab['window_only']:.2f} | {ab['window_only'] / teacher:.2f}× |"]
+    cost = ab["window_only"] / ab["student"] - 1
+    verdict = (f"The recurrent part carries context: switching it off costs {cost:.1%} perplexity."
+               if cost > 0 else
+               f"**The recurrent part does not carry context: the student does not beat its own window-only "
+               f"baseline** (switching the recurrence off changes perplexity by {cost:+.1%}).")
+    shares = ab.get("window_share") or {}
+    if shares:
+        values = list(shares.values())
+        verdict += (f" Learned window share f (0.5 at conversion), mean over heads per layer: "
+                    f"{min(values):.3f}–{max(values):.3f} (mean {sum(values) / len(values):.3f}).")
+    return "\n".join(lines) + "\n\n" + verdict
+
+
+def budget_curve_table(report: dict) -> str:
+    """Quality against the number of layers that keep softmax attention, one row per (K, ranking)."""
+    curve = report.get("budget_curve")
+    if not curve:
+        return ""
+    teacher = report["perplexity"]["teacher"]
+    rows = curve["rows"]
+    task_names = list(dict.fromkeys(t for r in rows for t in (r.get("tasks") or {})))
+    recall_lengths = [x["context"] for x in (next((r["recall"] for r in rows if r.get("recall")), None) or [])]
+    head = (["softmax layers", "ranked by", "layers", "perplexity", "ratio"] + task_names
+            + [f"passkey {n:,}" for n in recall_lengths] + [f"cache at {curve['cache_context']:,} (MB)"])
+    lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---:|---:|" + "---:|" * (len(head) - 5)]
+    for r in rows:
+        cells = [str(r["keep"]), r["rank_by"] or "–", ", ".join(map(str, r["layers"])) or "none",
+                 f"{r['perplexity']:.2f}", f"{r['perplexity'] / teacher:.2f}×"]
+        for name in task_names:
+            metrics = (r.get("tasks") or {}).get(name, {}).get("metrics", {})
+            metric = headline_metric(metrics)
+            cells.append(f"{metrics[metric]:.3f}" if metric else "–")
+        by_len = {x["context"]: x["accuracy"] for x in (r.get("recall") or [])}
+        cells += [f"{by_len[n]:.2f}" if n in by_len else "–" for n in recall_lengths]
+        cells.append(f"{r['cache_mb']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    best = []
+    for K in sorted({r["keep"] for r in rows if r["keep"]}):
+        at = [r for r in rows if r["keep"] == K]
+        if len(at) > 1:
+            win = min(at, key=lambda r: r["perplexity"])
+            best.append(f"K = {K}: {win['rank_by']}")
+    note = (f"Kept layers attend over the {curve['kept_attend']}. Ranking with the lower perplexity per budget: "
+            + "; ".join(best) + ".") if best else f"Kept layers attend over the {curve['kept_attend']}."
+    return "\n".join(lines) + "\n\n" + note + "\n\n![quality vs attention kept](budget_curve.png)"
+
+
+def plot_budget_curve(report: dict, path: Path) -> None:
+    """Perplexity ratio to the teacher against the number of softmax layers kept, one line per ranking."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve, teacher = report["budget_curve"], report["perplexity"]["teacher"]
+    base = [r for r in curve["rows"] if r["keep"] == 0]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for by in dict.fromkeys(r["rank_by"] for r in curve["rows"] if r["rank_by"]):
+        points = sorted(base + [r for r in curve["rows"] if r["rank_by"] == by], key=lambda r: r["keep"])
+        ax.plot([r["keep"] for r in points], [r["perplexity"] / teacher for r in points], marker="o", label=by)
+    if not any(r["rank_by"] for r in curve["rows"]):
+        ax.plot([r["keep"] for r in base], [r["perplexity"] / teacher for r in base], marker="o")
+    ax.axhline(1.0, color="gray", linestyle=":", label="teacher")
+    ax.set_xlabel("layers that keep softmax attention")
+    ax.set_ylabel("perplexity / teacher's")
+    ax.set_title("quality vs attention kept")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def recall_table(report: dict) -> str:
     """Passkey accuracy per context length, teacher beside student ("" when the run measured none)."""
     rec = report.get("recall")
@@ -100,6 +181,12 @@ def render(report: dict) -> str:
     if report.get("teacher_untrained"):
         parts.append("**The teacher is untrained (random weights): these figures only show that the pipeline runs.**")
     parts += ["## Perplexity", f"Held-out text, {report['perplexity_tokens']:,} tokens.", perplexity_table(report)]
+    table = budget_curve_table(report)
+    if table:
+        parts += ["## Quality vs attention kept", table]
+    ablation = ablation_section(report)
+    if ablation:
+        parts += ["## What the recurrence adds", ablation]
     table = tasks_table(report)
     if table:
         parts += ["## lm-eval tasks", "Headline metric per task (± standard error). Averages hide what is lost: "
@@ -134,6 +221,8 @@ def kept_window(report: dict) -> str:
 
 
 def write(report: dict, out_dir: Path) -> Path:
+    if report.get("budget_curve"):
+        plot_budget_curve(report, out_dir / "budget_curve.png")
     path = out_dir / "REPORT.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(render(report))

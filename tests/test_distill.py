@@ -134,3 +134,27 @@ def test_tensorboard_tracker_gets_every_step(tmp_path):
     logged = [json.loads(x)["loss"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e.step for e in losses] == list(range(1, summary["steps"] + 1))
     assert [e.value for e in losses] == pytest.approx(logged, rel=1e-6)
+
+
+def test_attention_transfer_can_train_the_projections_and_align_block_outputs(tmp_path):
+    from convert.convert import restore_attention
+    student = convert(make_teacher("llama"), {"type": "gated_deltanet"}, [0, 2])
+    original = {n: p.clone() for n, p in student.named_parameters() if ".attn." in n}
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), student.teacher_attention():
+        teacher_logits = student(ids).logits
+    summary = train_attention_transfer(student, rows(), out_dir=tmp_path, eval_rows=rows(12, seed=1),
+                                       opts=TrainOptions(lr=3e-2, batch_size=4), trainable="attention",
+                                       projection_lr=1e-2, block_weight=0.5)
+    for layer, err in summary["layer_errors"].items():
+        assert err["after"]["mse"] < 0.9 * err["before"]["mse"], (layer, err)
+    moved = [n for n, p in student.named_parameters() if n in original and not torch.equal(p, original[n])]
+    assert {n.split(".self_attn.attn.")[1] for n in moved} >= {"q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                                  "o_proj.weight"}
+    with torch.no_grad(), student.teacher_attention():   # the teacher is still the teacher
+        torch.testing.assert_close(student(ids).logits, teacher_logits)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["block"]) for r in log) and log[-1]["block"] < log[0]["block"]
+    restore_attention(student, [0, 2])   # restored layers get the teacher's attention, not the trained projections
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher_logits)

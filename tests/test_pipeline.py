@@ -55,6 +55,19 @@ def test_run_trains_the_recipe_stages_and_reports_each(run_dir):
     assert (out / "stages" / "1-distill" / "loss.png").is_file()
 
 
+def test_run_reports_the_student_with_its_recurrent_part_off(run_dir):
+    out, res = run_dir
+    report = json.loads((out / "report.json").read_text())
+    ab = report["component_ablation"]
+    assert ab["student"] == report["perplexity"]["student"] and math.isfinite(ab["window_only"])
+    assert ab["window_only"] != ab["student"] and ab["carries_context"] == (ab["window_only"] > ab["student"])
+    assert sorted(ab["window_share"]) == ["1", "2", "3"] and all(0 < v < 1 for v in ab["window_share"].values())
+    text = (out / "REPORT.md").read_text()
+    assert "## What the recurrence adds" in text and "recurrent part off (window and sink only)" in text
+    verdict = "carries context" if ab["carries_context"] else "does not beat its own window-only baseline"
+    assert verdict in text and verdict in res.stdout
+
+
 def test_run_evaluates_tasks_and_speed_and_writes_the_report(run_dir):
     out, res = run_dir
     report = json.loads((out / "report.json").read_text())
@@ -283,3 +296,32 @@ def test_report_and_card_say_how_kept_layers_attend():
         ", over their last 2,048 tokens"
     assert kept_window({"attention_layers": [0]}) == ""                       # full attention, or an older report
     assert kept_window({"attention_layers": [], "attention_window": 512}) == ""   # nothing kept
+
+
+def test_budget_curve_ranks_layers_two_ways_and_reports_quality_against_attention_kept(tmp_path):
+    env = {**os.environ, "RNNIFY_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
+                          f"output_dir={tmp_path / 'out'}", "convert.keep_attention=none", "eval.max_tokens=512",
+                          "eval.recall={lengths: [96], depths: [0.5], trials: 1}", "stages.1.tokens=512",
+                          "budget_curve={keep: [0, 1], rank_by: [relative_mse, kl], kl_rows: 2, cache_context: 512}"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    curve = report["budget_curve"]
+    assert [(r["keep"], r["rank_by"]) for r in curve["rows"]] == \
+        [(0, None), (1, "relative_mse"), (1, "kl")]
+    base = curve["rows"][0]
+    assert base["perplexity"] == report["perplexity"]["student"] and base["layers"] == []   # the main run is K = 0
+    errors = report["stages"][0]["layer_errors"]
+    worst = max(errors, key=lambda layer: errors[layer]["after"]["relative_mse"])
+    assert curve["rows"][1]["layers"] == [int(worst)]
+    gains = {int(k): v for k, v in curve["rankings"]["kl"]["kl_gain"].items()}
+    assert sorted(gains) == [0, 1, 2, 3] and curve["rows"][2]["layers"] == [max(gains, key=gains.get)]
+    for r in curve["rows"]:
+        assert math.isfinite(r["perplexity"]) and len(r["recall"]) == 1 and len(r["layers"]) == r["keep"]
+    # kept layers attend fully here: every layer given back its attention adds a KV cache
+    assert base["cache_mb"] < curve["rows"][1]["cache_mb"] == curve["rows"][2]["cache_mb"]
+    assert (out / "budget_curve" / "kl-K1" / "stages" / "1-distill" / "log.jsonl").is_file()
+    text = (out / "REPORT.md").read_text()
+    assert "## Quality vs attention kept" in text and (out / "budget_curve.png").stat().st_size > 1000

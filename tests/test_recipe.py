@@ -392,3 +392,53 @@ def test_hedgehog_sink_is_on_with_a_window_and_needs_one(tmp_path):
     assert recipe.convert.mixer.sink is False and not recipe.convert.calibrates_sinks
     recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": "hedgehog"}})))
     assert recipe.convert.mixer.sink is False
+
+
+def test_ssm_mixers_take_a_short_conv_and_a_gate(tmp_path):
+    for mixer in ("mamba2", "gated_deltanet"):
+        recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": mixer}})))
+        assert recipe.convert.mixer.conv == 4 and recipe.convert.mixer.gate is True
+        msg = error_of(tmp_path, with_({"convert.mixer": {"type": mixer, "conv": -1}}))
+        assert "convert.mixer.conv" in msg and "greater than or equal to 0" in msg
+    assert "convert.mixer.conv: unknown key" in error_of(tmp_path, with_({"convert.mixer": {"type": "gla", "conv": 4}}))
+
+
+def test_attention_transfer_trainable_projections_and_block_alignment(tmp_path):
+    stage = {"name": "attention_transfer", "tokens": 4096}
+    recipe, _ = load_recipe(write(tmp_path, with_({"stages": [stage]})))
+    assert recipe.stages[0].trainable == "mixers" and recipe.stages[0].block_weight == 0
+    recipe, _ = load_recipe(write(tmp_path, with_({"stages": [{**stage, "trainable": "attention", "projection_lr": 1e-4,
+                                                               "block_weight": 0.5}]})))
+    assert (recipe.stages[0].trainable, recipe.stages[0].projection_lr, recipe.stages[0].block_weight) == \
+        ("attention", 1e-4, 0.5)
+    msg = error_of(tmp_path, with_({"stages": [{**stage, "projection_lr": 1e-4}]}))
+    assert msg.endswith("stages.0: projection_lr needs trainable: attention (only then are the projections trained)")
+    assert "stages.0.trainable" in error_of(tmp_path, with_({"stages": [{**stage, "trainable": "everything"}]}))
+    assert "stages.0.block_weight" in error_of(tmp_path, with_({"stages": [{**stage, "block_weight": -1}]}))
+
+
+def test_budget_curve_needs_an_attention_transfer_stage_to_start_from(tmp_path):
+    stage = {"name": "attention_transfer", "tokens": 4096}
+    curve = {"keep": [0, 2], "rank_by": ["kl"]}
+    recipe, _ = load_recipe(write(tmp_path, with_({"stages": [stage], "budget_curve": curve})))
+    assert recipe.budget_curve.keep == [0, 2] and recipe.budget_curve.after_stage == 0
+    assert recipe.budget_curve.cache_context == 2048 and recipe.budget_curve.kl_rows == 4
+    assert error_of(tmp_path, with_({"budget_curve": curve})).endswith(
+        "budget_curve.after_stage: stages[0] must be an attention_transfer stage (the budgets start from its mixers)")
+    assert "stages[0].eval_rows must be at least 1" in error_of(
+        tmp_path, with_({"stages": [{**stage, "eval_rows": 0}], "budget_curve": curve}))
+    assert "budget_curve: convert.keep_attention {auto: K} already picks one budget" in error_of(
+        tmp_path, with_({"stages": [stage], "budget_curve": curve, "convert.keep_attention": {"auto": 2}}))
+    assert "budget_curve.rank_by.0" in error_of(tmp_path, with_({"stages": [stage], "budget_curve": {
+        "keep": [1], "rank_by": ["random"]}}))
+    assert "budget_curve.keep" in error_of(tmp_path, with_({"stages": [stage], "budget_curve": {"keep": []}}))
+
+
+def test_budget_curve_cannot_give_back_more_layers_than_were_converted(tmp_path):
+    from tests.conftest import make_teacher
+    data = with_({"stages": [{"name": "attention_transfer", "tokens": 4096}], "convert.layers": [0, 1],
+                  "budget_curve": {"keep": [0, 3]}})
+    recipe, _ = load_recipe(write(tmp_path, data))
+    with pytest.raises(RecipeError, match=r"r.yaml: budget_curve.keep: 3 layers cannot get attention back: "
+                                          r"only 2 are converted"):
+        check_against_teacher(recipe, make_teacher("llama").config, "r.yaml")

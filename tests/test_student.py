@@ -427,3 +427,58 @@ def test_sink_calibration_takes_the_teachers_first_token_key_and_value():
             module = student.model.layers[i].self_attn
             torch.testing.assert_close(module.rnnify_sink_key, attn.k_proj(x).view(6, 2, 16).mean(0))
             torch.testing.assert_close(module.rnnify_sink_value, attn.v_proj(x).view(6, 2, 16).mean(0))
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
+def test_short_conv_and_gate_start_as_the_mixer_without_them(mixer):
+    teacher = make_teacher("llama")
+    plain = convert(teacher, {"type": mixer, "conv": 0, "gate": False}, [0, 1, 2])
+    full = convert(teacher, {"type": mixer}, [0, 1, 2])
+    assert full.model.layers[0].self_attn.conv.weight.shape == (4 * 16 + 2 * 2 * 16, 4)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_short_conv_taps_reach_back_within_a_document_only():
+    from convert.student.mixer_registry import PackedSequences, ShortConv
+    conv = ShortConv(2, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 10.0, 100.0], [0.0, 1.0, 0.0]]))
+    x = torch.arange(1.0, 7.0)[None, :, None].expand(1, 6, 2)
+    seq = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    out = conv(x, packed=PackedSequences(seq))
+    assert out[0, :, 0].tolist() == [1.0, 12.0, 123.0, 4.0, 45.0, 456.0]   # x_t + 10 x_{t-1} + 100 x_{t-2}
+    assert out[0, :, 1].tolist() == [0.0, 1.0, 2.0, 0.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_every_mixer_starts_closer_to_the_attention_than_a_zero_output(mixer):
+    """Relative error MSE / mean(y²) < 1 on held-out rows of the teacher's own activations, after calibration."""
+    from convert.convert import calibrate_output_norms
+    from distill.attention_transfer import layer_errors
+    from tests.test_distill import rows
+    student = convert(make_teacher("llama"), mixer, [0, 1, 2])
+    fitted = calibrate_output_norms(student, rows(24), batch_size=4)
+    assert fitted == (0 if mixer["type"] == "hedgehog" else len(rows(24)) * 32)
+    errors = layer_errors(student, rows(12, seed=1), batch_size=4)
+    assert all(e["relative_mse"] < 1.0 for e in errors.values()), errors
+
+
+def test_recurrent_part_off_keeps_only_the_window_or_zeroes_the_mixer():
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(0))
+    windowed = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 4, "sink": True}, [0, 2]))
+    with torch.no_grad():
+        trained = windowed(ids).logits
+        with windowed.recurrent_part_off():
+            off = windowed(ids).logits
+            for m in (windowed.model.layers[0].self_attn, windowed.model.layers[2].self_attn):
+                m.window_factor.fill_(30.0)   # window share 1 by the weights themselves
+        torch.testing.assert_close(off, windowed(ids).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(off, trained) and not windowed.model.layers[0].self_attn.recurrent_off
+    assert set(windowed.window_shares()) == {0, 2}
+    plain = convert(make_teacher("llama"), {"type": "gla"}, [1])
+    hidden = torch.randn(1, 5, 64)
+    with torch.no_grad(), plain.recurrent_part_off():
+        out, _ = plain.model.layers[1].self_attn(hidden)
+    assert torch.equal(out, torch.zeros_like(out)) and plain.window_shares() == {}

@@ -1,32 +1,37 @@
 """Gated DeltaNet: the gated delta rule on L2-normalised q and k from the teacher.
 
-    β_t = σ(w_β·x_t + b_β),  log a_t = -exp(A_log) softplus(w_a·x_t + b_a)      (per head)
-    S_t = a_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,  o_t = RMSNorm(S_tᵀ q_t / √D),  out = W_o o
-with k_t, q_t unit vectors (the update is then a contraction).  New parameters: the β and decay
-projections (zero weights; β starts at σ(0) = ½, decay like Mamba2's dt/A init), and the norm gain.
+    q, k, v = conv(q, k, v)                                               (short causal conv, K taps)
+    β_t = σ(w_β·h_t + b_β),  log a_t = -exp(A_log) softplus(w_a·h_t + b_a)      (per head)
+    S_t = a_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,  o_t = S_tᵀ q_t / √D
+    out = W_o (g ⊙ RMSNorm(o_t ⊙ silu(W_z h_t + b_z)) + b)
+with k_t, q_t unit vectors (the update is then a contraction).  New parameters: the short convolution
+(``conv`` taps, a pass-through at first), the β and decay projections (zero weights; β starts at σ(0) = ½,
+decay like Mamba2's dt/A init), the output gate (``gate``; 1 at first) and the norm's gain and bias (fitted
+to the teacher's attention output by ``calibrate_output_norms``).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mixer_registry import HeadRMSNorm, Mixer, register_mixer
+from .mixer_mamba2 import dt_bias
+from .mixer_registry import HeadRMSNorm, Mixer, OutputGate, register_mixer
 
 
 @register_mixer
 class GatedDeltaNet(Mixer):
     name = "gated_deltanet"
-    options = {"rope": True, "dt_min": 0.001, "dt_max": 0.1}
+    options = {"rope": True, "dt_min": 0.001, "dt_max": 0.1, "conv": 4, "gate": True}
 
     def __init__(self, attn, arch, config, options, layer_idx):
         super().__init__(attn, arch, config, options, layer_idx)
         H, D = self.num_heads, self.head_dim
+        self.add_short_conv(self.opts["conv"])
         self.beta_proj = nn.Linear(config.hidden_size, H, bias=True)
         self.decay_proj = nn.Linear(config.hidden_size, H, bias=True)
         self.A_log = nn.Parameter(torch.zeros(H))
+        self.gate = OutputGate(config.hidden_size, H, D) if self.opts["gate"] else None
         self.norm = HeadRMSNorm(H, D, eps=getattr(config, "rms_norm_eps", 1e-6))
         self.reset_rnnify_parameters()
 
@@ -36,13 +41,14 @@ class GatedDeltaNet(Mixer):
             self.beta_proj.weight.zero_()
             self.beta_proj.bias.zero_()
             self.decay_proj.weight.zero_()
-            dt = torch.exp(torch.linspace(math.log(self.opts["dt_min"]), math.log(self.opts["dt_max"]), H))
-            self.decay_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.decay_proj.bias.copy_(dt_bias(H, self.opts["dt_min"], self.opts["dt_max"]))
             self.A_log.copy_(torch.log(torch.linspace(1.0, 16.0, H)))
-            self.norm.weight.fill_(1.0)
+        for part in (self.conv, self.gate, self.norm):
+            if part is not None:
+                part.reset_parameters()
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
-        q, k, v = self.project(x, position_embeddings)
+        q, k, v = self.project(x, position_embeddings, cache, packed, valid)
         q = F.normalize(q.float(), dim=-1)
         k = F.normalize(self.expand(k).float(), dim=-1)
         beta = torch.sigmoid(self.beta_proj(x).float())
@@ -51,4 +57,6 @@ class GatedDeltaNet(Mixer):
             beta, log_decay = beta * valid[..., None], log_decay * valid[..., None]
         o = self.recurrence("delta", q, k, self.expand(v), log_decay, beta, cache,
                             scale=self.head_dim ** -0.5, packed=packed)
+        if self.gate is not None:
+            o = self.gate(o, x)
         return self.norm(o)

@@ -36,7 +36,7 @@ class GLA(Mixer):
             nn.init.normal_(self.gate_down.weight, std=self.config.hidden_size ** -0.5)
             self.gate_up.weight.zero_()
             self.gate_up.bias.fill_(-math.log(math.expm1(-target)))          # logsigmoid⁻¹(target)
-            self.norm.weight.fill_(1.0)
+        self.norm.reset_parameters()
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
         q, k, v = self.project(x, position_embeddings)

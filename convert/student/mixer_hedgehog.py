@@ -35,6 +35,7 @@ class Hedgehog(Mixer):
         self.feature_q = nn.Parameter(torch.empty(H, D, F))
         self.feature_k = nn.Parameter(torch.empty(H, D, F))
         self.window = self.opts["window"]
+        self.has_window = bool(self.window)
         if self.window:
             self.window_factor = nn.Parameter(torch.empty(H))
         if self.window and self.opts["sink"]:
@@ -86,6 +87,10 @@ class Hedgehog(Mixer):
         m = scores.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         return torch.einsum(equation, (scores - m).exp(), values)
+
+    def window_share(self) -> float | None:
+        """The mean over heads of the learned window share f = σ(w) (None without a window)."""
+        return torch.sigmoid(self.window_factor.float()).mean().item() if self.window else None
 
     def _sink(self):
         """The sink's key [H, D] and value [H, Dv+1] per query head (``expand``ed from the KV heads)."""
@@ -195,5 +200,7 @@ class Hedgehog(Mixer):
         else:
             sw = self._window_dense(q, k_ext, v_ext, P, packed, past_window)
         f = torch.sigmoid(self.window_factor.float())[:, None]             # [H,1]
+        if self.recurrent_off:   # the ablation: window (and sink) only
+            f = torch.ones_like(f)
         mixed = f * sw + (1 - f) * lin
         return mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])

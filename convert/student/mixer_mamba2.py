@@ -1,9 +1,13 @@
 """Mamba2 / SSD mixer initialised from attention (Mamba-in-the-Llama): C←q, B←k, x←v, out←o.
 
-    dt_t = softplus(w_dt·x_t + b_dt),  a_t = exp(-exp(A_log) dt_t)         (one scalar per head)
-    S_t = a_t S_{t-1} + B_t (dt_t x_t)ᵀ,   y_t = S_tᵀ C_t / √D + D_skip ⊙ x_t,   out = W_o RMSNorm(y)
-New parameters: dt projection (zero weight; bias so dt spans [dt_min, dt_max] log-uniformly across
-heads, Mamba2's init), A_log (log of 1..16), D_skip (ones), the per-head output norm gain.
+    C, B, x = conv(q, k, v)                                              (short causal conv, K taps)
+    dt_t = softplus(w_dt·h_t + b_dt),  a_t = exp(-exp(A_log) dt_t)         (one scalar per head)
+    S_t = a_t S_{t-1} + B_t (dt_t x_t)ᵀ,   y_t = S_tᵀ C_t / √D + D_skip ⊙ x_t
+    out = W_o (g ⊙ RMSNorm(y_t ⊙ silu(W_z h_t + b_z)) + b)
+New parameters: the short convolution (``conv`` taps, starting as a pass-through), dt projection (zero weight;
+bias so dt spans [dt_min, dt_max] log-uniformly across heads, Mamba2's init), A_log (log of 1..16), D_skip
+(ones), the output gate (``gate``; starts at 1) and the per-head output norm's gain g and bias b (fitted to the
+teacher's attention output by ``calibrate_output_norms``).
 """
 from __future__ import annotations
 
@@ -13,20 +17,28 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mixer_registry import HeadRMSNorm, Mixer, register_mixer
+from .mixer_registry import HeadRMSNorm, Mixer, OutputGate, register_mixer
+
+
+def dt_bias(heads: int, dt_min: float, dt_max: float) -> torch.Tensor:
+    """softplus⁻¹ of step sizes spread log-uniformly over [dt_min, dt_max] across heads: [heads] (Mamba2's init)."""
+    dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), heads))
+    return dt + torch.log(-torch.expm1(-dt))
 
 
 @register_mixer
 class Mamba2(Mixer):
     name = "mamba2"
-    options = {"rope": False, "dt_min": 0.001, "dt_max": 0.1, "a_init_range": [1.0, 16.0]}
+    options = {"rope": False, "dt_min": 0.001, "dt_max": 0.1, "a_init_range": [1.0, 16.0], "conv": 4, "gate": True}
 
     def __init__(self, attn, arch, config, options, layer_idx):
         super().__init__(attn, arch, config, options, layer_idx)
         H, D = self.num_heads, self.head_dim
+        self.add_short_conv(self.opts["conv"])
         self.dt_proj = nn.Linear(config.hidden_size, H, bias=True)
         self.A_log = nn.Parameter(torch.empty(H))
         self.D_skip = nn.Parameter(torch.ones(H))
+        self.gate = OutputGate(config.hidden_size, H, D) if self.opts["gate"] else None
         self.norm = HeadRMSNorm(H, D, eps=getattr(config, "rms_norm_eps", 1e-6))
         self.reset_rnnify_parameters()
 
@@ -35,14 +47,15 @@ class Mamba2(Mixer):
         lo, hi = self.opts["a_init_range"]
         with torch.no_grad():
             self.dt_proj.weight.zero_()
-            dt = torch.exp(torch.linspace(math.log(self.opts["dt_min"]), math.log(self.opts["dt_max"]), H))
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))       # softplus⁻¹(dt)
+            self.dt_proj.bias.copy_(dt_bias(H, self.opts["dt_min"], self.opts["dt_max"]))
             self.A_log.copy_(torch.log(torch.linspace(lo, hi, H)))
             self.D_skip.fill_(1.0)
-            self.norm.weight.fill_(1.0)
+        for part in (self.conv, self.gate, self.norm):
+            if part is not None:
+                part.reset_parameters()
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
-        q, k, v = self.project(x, position_embeddings)
+        q, k, v = self.project(x, position_embeddings, cache, packed, valid)
         dt = F.softplus(self.dt_proj(x).float())                           # [B,T,H]
         if valid is not None:
             dt = dt * valid[..., None]                                       # padded steps: no decay, no input
@@ -51,4 +64,6 @@ class Mamba2(Mixer):
         y = self.recurrence("decay_scalar", q, self.expand(k), xv * dt[..., None], log_decay, None, cache,
                             scale=self.head_dim ** -0.5, packed=packed)
         y = y.float() + self.D_skip.float()[:, None] * xv
+        if self.gate is not None:
+            y = self.gate(y, x)
         return self.norm(y)

@@ -48,17 +48,89 @@ def get_mixer(name: str) -> "type[Mixer]":
 
 
 class HeadRMSNorm(nn.Module):
-    """RMSNorm over the last dim of [B, T, H, D], one learnable gain per head and channel."""
+    """RMSNorm over the last dim of [B, T, H, D] with a gain and a bias per head and channel:
+    y = g ⊙ x / rms(x) + b.  The bias starts at 0; ``calibrate_output_norms`` fits g and b by least squares
+    to the attention output the mixer replaces (its mean is mostly the teacher's attention sink's value)."""
 
     def __init__(self, heads: int, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(heads, dim))
+        self.bias = nn.Parameter(torch.zeros(heads, dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.float() + self.bias.float()).to(x.dtype)
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
+
+class OutputGate(nn.Module):
+    """Mamba2's gate before the output norm: y ⊙ silu(W_z x + b_z), [B,T,H,D] -> [B,T,H,D].
+
+    W_z starts at 0 and b_z at silu⁻¹(1) ≈ 1.28, so the gate is 1 everywhere and the layer starts as it
+    would without one; the norm that follows would cancel any other constant anyway.
+    """
+
+    SILU_INV_1 = 1.2784645   # silu(b) = 1
+
+    def __init__(self, hidden: int, heads: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, heads * dim, bias=True)
+        self.heads, self.dim = heads, dim
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.fill_(self.SILU_INV_1)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        z = self.proj(x).float().view(*x.shape[:2], self.heads, self.dim)
+        return y.float() * nn.functional.silu(z)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution over time, [B, T, C] -> [B, T, C]: out_t = Σ_{i<K} w_i ⊙ x_{t−i}.
+
+    Initialised to pass the current token through (w_0 = 1, others 0), so a converted layer starts with
+    the teacher's own projections.  No activation follows: SiLU would move the layer away from the attention
+    it was initialised from.  Taps never reach into another document (packed rows) or padding (zeroed by the
+    caller); under a cache the last K−1 inputs live in transformers' ``conv_states`` of the layer.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))   # [:, i] multiplies x_{t-i}
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, 0] = 1.0
+
+    def forward(self, x: torch.Tensor, cache=None, layer_idx: int = 0, packed: "PackedSequences | None" = None):
+        B, T, C = x.shape
+        K = self.kernel_size
+        if cache is not None:   # full = the K cached inputs (zeros at the start) + the T new ones
+            full = cache.update_conv_state(x.transpose(1, 2), layer_idx, conv_kernel_size=K).transpose(1, 2)
+        else:
+            full = x
+        P = full.shape[1] - T
+        full = nn.functional.pad(full, (0, 0, K - 1, 0))
+        w = self.weight.to(x.dtype)
+        out = x * w[:, 0]
+        for i in range(1, K):
+            tap = full[:, K - 1 + P - i:K - 1 + P - i + T]
+            if packed is not None:   # x_{t-i} only from t's own document
+                same = torch.zeros_like(packed.seq_idx, dtype=torch.bool)
+                same[:, i:] = packed.seq_idx[:, i:] == packed.seq_idx[:, :-i]
+                tap = tap * same[..., None].to(tap.dtype)
+            out = out + tap * w[:, i]
+        return out
 
 
 class PackedSequences:
@@ -90,6 +162,8 @@ class Mixer(nn.Module):
     name = ""
     layer_type = "linear_attention"
     options: dict = {"rope": True}
+    has_window = False      # a mixer with its own softmax window keeps it when its recurrent part is off
+    recurrent_off = False   # set by RnnifyForCausalLM.recurrent_part_off() (the component ablation)
 
     def __init__(self, attn: nn.Module, arch, config, options: dict, layer_idx: int):
         super().__init__()
@@ -106,9 +180,25 @@ class Mixer(nn.Module):
         return cls.layer_type
 
     # -- pieces for subclasses -----------------------------------------------------------------
-    def project(self, x, position_embeddings):
-        """x [B,T,hidden] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D] (RoPE applied if enabled)."""
+    def add_short_conv(self, kernel_size: int | None) -> None:
+        """Give the mixer a ``ShortConv`` over its q, k and v channels (none for a kernel size of 0/None)."""
+        self.conv = None
+        if kernel_size:
+            H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+            self.conv = ShortConv((H + 2 * Hkv) * D, kernel_size)
+
+    def project(self, x, position_embeddings, cache=None, packed=None, valid=None):
+        """x [B,T,hidden] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D]: the teacher's projections, then the
+        mixer's short convolution if it has one (padding zeroed first), then RoPE if enabled."""
         q, k, v = self.arch.project_qkv(self.attn, x, self.config)
+        if getattr(self, "conv", None) is not None:
+            B, T = x.shape[:2]
+            qkv = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+            if valid is not None:
+                qkv = qkv * valid[..., None].to(qkv.dtype)
+            qkv = self.conv(qkv, cache, self.layer_idx, packed)
+            q, k, v = torch.split(qkv, [q[0, 0].numel(), k[0, 0].numel(), v[0, 0].numel()], dim=-1)
+            q, k, v = q.view(B, T, -1, self.head_dim), k.view(B, T, -1, self.head_dim), v.view(B, T, -1, self.head_dim)
         if self.opts["rope"] and position_embeddings is not None:
             q, k = self.arch.apply_rope(self.attn, q, k, *position_embeddings)
         return q, k, v
@@ -153,6 +243,19 @@ class Mixer(nn.Module):
         self.write_state(cache, new_state)
         return o
 
+    def keep_teacher_attention(self) -> None:
+        """Keep a frozen copy of the teacher's attention as it is now, for ``teacher_mode`` (and for giving the
+        layer its attention back), before training changes the projections ``self.attn`` shares with the mixer.
+        A plain attribute, not a submodule: not saved, not trained, not wrapped by DDP/FSDP."""
+        if "teacher_attn" not in self.__dict__:
+            import copy
+            self.__dict__["teacher_attn"] = copy.deepcopy(self.attn).requires_grad_(False)
+
+    @property
+    def teacher_attention_module(self) -> nn.Module:
+        """The attention this mixer replaced: the frozen copy if one was kept, else ``self.attn``."""
+        return self.__dict__.get("teacher_attn", self.attn)
+
     # -- interface -----------------------------------------------------------------------------
     def reset_rnnify_parameters(self):
         """(Re)initialise the parameters this mixer adds to the teacher's attention."""
@@ -167,12 +270,16 @@ class Mixer(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if self.teacher_mode:   # the replaced attention itself (distillation targets, teacher logits)
-            out, weights = self.attn(hidden_states, position_embeddings=position_embeddings,
-                                     attention_mask=attention_mask, **kwargs)
+            out, weights = self.teacher_attention_module(hidden_states, position_embeddings=position_embeddings,
+                                                         attention_mask=attention_mask, **kwargs)
             if self.capture is not None:
                 self.capture[self.layer_idx] = (hidden_states, out)
             return out, weights
         packed = attention_mask if isinstance(attention_mask, PackedSequences) else None
         valid = None if packed is not None else self.valid_mask(attention_mask, hidden_states.shape[1])
+        if self.recurrent_off and not self.has_window:   # the ablation: nothing of this layer's recurrence
+            B, T = hidden_states.shape[:2]
+            o = hidden_states.new_zeros(B, T, self.num_heads, self.head_dim)
+            return self.arch.output(self.attn, o), None
         o = self.mix(hidden_states, position_embeddings, valid, cache, packed)
         return self.arch.output(self.attn, o.to(hidden_states.dtype)), None

@@ -75,6 +75,11 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         self._teacher_mode = False
         self.route_windowed_attention()
         self.post_init()
+        # transformers initialises parents before children, so a mixer's own Linear/conv layers received the
+        # teacher's random init after the mixer's reset: reset the mixers last
+        for module in self.modules():
+            if isinstance(module, Mixer):
+                module.reset_rnnify_parameters()
 
     def route_windowed_attention(self) -> None:
         """Kept softmax layers of type ``chunked_attention`` (``config.attention_window``) dispatch through
@@ -101,12 +106,24 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         return PackedSequences(seq_idx) if seq_idx is not None else None
 
     @contextmanager
-    def teacher_attention(self, capture: dict | None = None):
+    def teacher_attention(self, capture: dict | None = None, layers=None):
         """Within this context every converted layer runs the teacher's own attention: the model is the teacher.
 
         With ``capture`` (a dict), each converted layer i stores ``capture[i] = (attention input, attention
-        output)``, the targets of attention transfer.  No cache is used in this mode.
+        output)``, the targets of attention transfer.  No cache is used in this mode.  With ``layers`` (converted
+        layer indices), only those run the teacher's attention and the rest stay as they are (layer selection);
+        kept windowed layers then keep their window.
         """
+        if layers is not None:
+            chosen = [self.model.layers[i].self_attn for i in layers]
+            for m in chosen:
+                m.teacher_mode = True
+            try:
+                yield self
+            finally:
+                for m in chosen:
+                    m.teacher_mode = False
+            return
         mixers = [m for m in self.modules() if isinstance(m, Mixer)]
         routed = [layer.self_attn.config for layer in self.model.layers
                   if hasattr(getattr(layer.self_attn, "config", None), "rnnify_base_attention")]
@@ -123,6 +140,25 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
                 m.teacher_mode, m.capture = False, None
             for config in routed:
                 config.rnnify_attention_window = self.config.attention_window
+
+    @contextmanager
+    def recurrent_part_off(self):
+        """Within this context every mixer's recurrent part is switched off: mixers with a softmax window keep
+        only the window (and sink), the others output zero.  The component ablation: what the recurrence adds."""
+        mixers = [m for m in self.modules() if isinstance(m, Mixer)]
+        for m in mixers:
+            m.recurrent_off = True
+        try:
+            yield self
+        finally:
+            for m in mixers:
+                m.recurrent_off = False
+
+    def window_shares(self) -> dict[int, float]:
+        """Per converted layer with a softmax window: the mean learned window share (0.5 at conversion)."""
+        shares = {i: getattr(self.model.layers[i].self_attn, "window_share", lambda: None)()
+                  for i in self.config.mixer_layers}
+        return {i: v for i, v in shares.items() if v is not None}
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -156,7 +192,9 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             inputs_embeds = base.embed_tokens(input_ids)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if self._teacher_mode:
+        # layers running the teacher's attention alone (teacher_attention(layers=...)) take the teacher's mask
+        partial = {i for i in self.config.mixer_layers if self.model.layers[i].self_attn.teacher_mode}
+        if self._teacher_mode or partial:
             use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -169,10 +207,12 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         packed = None
         if attention_mask is None and cache is None and T > 1:
             packed = self.packed_sequences(position_ids.expand(inputs_embeds.shape[0], -1))
-        layer_types = self._teacher_layer_types if self._teacher_mode else self.config.layer_types
-        mask_config = self._teacher_config if self._teacher_mode else self.config
+        layer_types = self._teacher_layer_types if self._teacher_mode else [
+            self._teacher_layer_types[i] if i in partial else kind for i, kind in enumerate(self.config.layer_types)]
         masks = {}
         for kind in set(layer_types):
+            mask_config = self._teacher_config if self._teacher_mode or kind not in self.config.layer_types \
+                else self.config
             first = layer_types.index(kind)   # the cache layer whose length/offset the mask must follow
             if kind == WINDOWED_ATTENTION and self._blocked_window_applies(attention_mask, cache, packed, T):
                 masks[kind] = BlockedWindow(self.config.attention_window)
