@@ -65,6 +65,21 @@ def convert(teacher: torch.nn.Module, mixer: dict, mixer_layers: list[int],
     return student.eval()
 
 
+def _teacher_passes(student: RnnifyForCausalLM, rows, batch_size: int):
+    """For each batch of ``rows`` (packed rows): the student run as its teacher (no grad), yielding
+    (position_ids [B, T], capture: converted layer -> (attention input, attention output))."""
+    from distill.data import collate_packed
+
+    device = next(student.parameters()).device
+    for lo in range(0, len(rows), batch_size):
+        batch = collate_packed([rows[j] for j in range(lo, min(lo + batch_size, len(rows)))])
+        ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
+        capture: dict = {}
+        with torch.no_grad(), student.teacher_attention(capture):
+            student.model(input_ids=ids, position_ids=positions, use_cache=False)
+        yield positions, capture
+
+
 def sink_modules(student: RnnifyForCausalLM) -> dict[int, torch.nn.Module]:
     """Modules that hold an attention sink (``rnnify_sink_key``/``rnnify_sink_value``), by layer index:
     windowed kept attention layers and mixers with a sink."""
@@ -77,23 +92,15 @@ def calibrate_attention_sinks(student: RnnifyForCausalLM, rows, batch_size: int 
     """Set every attention sink to the teacher's mean key/value of the first token of a sequence (position 0),
     over ``rows`` (packed rows: every document start counts), the teacher being the student's own attention.
     Returns how many first tokens were averaged (0: no sink, or no rows)."""
-    from distill.data import collate_packed
-
     modules = sink_modules(student)
     if not modules or not len(rows):
         return 0
-    device = next(student.parameters()).device
     found = {i: [] for i in modules}
     kept = {i: m for i, m in modules.items() if not isinstance(m, Mixer)}
     for i, attn in kept.items():
         attn.rnnify_sink_capture = found[i]   # filled by the windowed attention function
     try:
-        for lo in range(0, len(rows), batch_size):
-            batch = collate_packed([rows[j] for j in range(lo, min(lo + batch_size, len(rows)))])
-            ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
-            capture: dict = {}
-            with student.teacher_attention(capture):
-                student.model(input_ids=ids, position_ids=positions, use_cache=False)
+        for positions, capture in _teacher_passes(student, rows, batch_size):
             first = positions == 0
             for i in modules.keys() - kept.keys():   # mixers: their own projections of the attention input
                 x = capture[i][0]
@@ -122,12 +129,9 @@ def calibrate_output_norms(student: RnnifyForCausalLM, rows, batch_size: int = 4
     on ``rows`` (packed rows).  A least-squares fit with an intercept is never worse than the best constant,
     so every calibrated mixer starts closer to the attention it replaces than a zero output (on these rows).
     Returns how many tokens were fitted (0: no such mixer, or no rows)."""
-    from distill.data import collate_packed
-
     mixers = _output_norms(student)
     if not mixers or not len(rows):
         return 0
-    device = next(student.parameters()).device
     targets: dict[int, torch.Tensor] = {}
     hooks = [m.attn.o_proj.register_forward_pre_hook(
         lambda _module, args, i=i: targets.__setitem__(i, args[0].detach())) for i, m in mixers.items()]
@@ -136,12 +140,7 @@ def calibrate_output_norms(student: RnnifyForCausalLM, rows, batch_size: int = 4
     try:
         for m in mixers.values():
             m.norm.reset_parameters()   # g = 1, b = 0: the mixer returns the normalised n itself
-        for lo in range(0, len(rows), batch_size):
-            batch = collate_packed([rows[j] for j in range(lo, min(lo + batch_size, len(rows)))])
-            ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
-            capture: dict = {}
-            with student.teacher_attention(capture):
-                student.model(input_ids=ids, position_ids=positions, use_cache=False)
+        for positions, capture in _teacher_passes(student, rows, batch_size):
             position_embeddings = student.model.rotary_emb(capture[min(capture)][0], position_ids=positions)
             packed = student.packed_sequences(positions)
             for i, m in mixers.items():

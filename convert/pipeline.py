@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from distill.attention_transfer import train_attention_transfer
-from distill.distillation import train_distill
+from distill.distillation import check_lora_targets, train_distill
 from distill.training import NonFiniteError, ResumeError, TrainOptions
 from distill.layer_selection import kl_gains, rank_by_error, rank_by_kl
 from distill.data import DataError, document_windows, load_documents, pack_documents, take_tokens, tokenize_documents
@@ -273,7 +273,7 @@ def teacher_card(ref: str, location: str, info: dict) -> dict:
         from huggingface_hub import ModelCard
         card = ModelCard.load(str(Path(location) / "README.md") if Path(location).is_dir() else location)
         return {"license": card.data.license, "base_model": None if Path(location).is_dir() else ref}
-    except Exception:   # no card, or offline: the export then says licence "other"
+    except (OSError, ValueError):   # no card, or offline (hub errors are OSError/ValueError): licence "other"
         return {"license": None, "base_model": None if Path(location).is_dir() else ref}
 
 
@@ -403,6 +403,12 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     t0 = time.perf_counter()
     student = convert(teacher, recipe.convert.mixer.model_dump(), layers, recipe.convert.attention_window,
                       recipe.convert.uses_attention_sink)
+    for i, stage in enumerate(recipe.stages):   # before any training: LoRA targets that match nothing
+        if getattr(stage, "trainable", None) == "lora":
+            try:
+                check_lora_targets(student, stage.lora.target_modules)
+            except ValueError as e:
+                raise RecipeError(f"{recipe_path}: stages[{i}].lora.target_modules: {e}") from None
     prepared_rows = {}   # stage index -> (rows, held-out rows), for rows needed before their stage runs
     if recipe.convert.calibrates_sinks and recipe.stages:
         prepared_rows[0] = stage_rows(recipe, 0, tokenizer, recipe_path)

@@ -32,6 +32,16 @@ def added_parameters(student) -> list[nn.Parameter]:
                   if n.rsplit(".", 1)[-1].startswith("rnnify_sink_") and id(p) not in seen]
 
 
+def check_lora_targets(student, targets: list[str]) -> None:
+    """Every LoRA target names Linear layers of the student; otherwise a ValueError naming the missing targets
+    and the Linear layer names the model has (e.g. Phi-3 fuses q/k/v into ``qkv_proj``)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in student.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(f"lora.target_modules {missing} match no Linear layer of this model; its Linear layers are "
+                         f"named {sorted(names)}")
+
+
 class DistillLoss(nn.Module):
     """One module computing the stage loss (DDP wraps and syncs it)."""
 
@@ -68,6 +78,7 @@ def train_distill(student, rows, *, out_dir: Path, opts: TrainOptions, temperatu
     if trainable == "lora":
         from peft import LoraConfig, get_peft_model
         lora = lora or {}
+        check_lora_targets(student, list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])))
         config = LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
                             target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
                             bias="none")

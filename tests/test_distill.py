@@ -95,7 +95,7 @@ def test_full_distillation_trains_every_weight_against_the_original_teacher(tmp_
 
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     from distill.distillation import train_distill
-    student = convert(make_teacher("llama"), {"type": "gla"}, [1])
+    student = convert(make_teacher("llama"), {"type": "mamba2"}, [1])
     with pytest.raises(NonFiniteError, match=r"distill: the (loss|gradient norm) is (nan|inf).* at step \d+; stopped "
                                              r"before the optimizer step.*learning rate too high \(lr=1e\+30\)") as e:
         train_distill(student, rows(40), out_dir=tmp_path, trainable="mixers",
@@ -158,3 +158,12 @@ def test_attention_transfer_can_train_the_projections_and_align_block_outputs(tm
     restore_attention(student, [0, 2])   # restored layers get the teacher's attention, not the trained projections
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, teacher_logits)
+
+
+def test_lora_targets_that_match_nothing_are_named_with_the_layers_that_exist():
+    from distill.distillation import check_lora_targets
+    phi3 = convert(make_teacher("phi3"), {"type": "gla"}, [1])
+    check_lora_targets(phi3, ["qkv_proj", "o_proj"])
+    with pytest.raises(ValueError, match=r"lora.target_modules \['q_proj', 'k_proj'\] match no Linear layer of this "
+                                         r"model; its Linear layers are named \[.*'qkv_proj'"):
+        check_lora_targets(phi3, ["q_proj", "k_proj", "o_proj"])

@@ -325,3 +325,13 @@ def test_budget_curve_ranks_layers_two_ways_and_reports_quality_against_attentio
     assert (out / "budget_curve" / "kl-K1" / "stages" / "1-distill" / "log.jsonl").is_file()
     text = (out / "REPORT.md").read_text()
     assert "## Quality vs attention kept" in text and (out / "budget_curve.png").stat().st_size > 1000
+
+
+def test_lora_targets_that_match_nothing_stop_the_run_before_training(tmp_path):
+    env = {**os.environ, "RNNIFY_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
+                          f"output_dir={tmp_path / 'out'}", "stages.1.lora.target_modules=[qkv_proj]"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "tiny.yaml: stages[1].lora.target_modules: lora.target_modules ['qkv_proj'] match no Linear layer" \
+        in res.stderr and not (tmp_path / "out" / "stages").exists()

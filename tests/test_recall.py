@@ -26,4 +26,6 @@ def test_accuracy_rows_on_a_small_model(tokenizer):
     student = convert(make_teacher("llama", vocab_size=300), {"type": "gla"}, [0, 2])
     rows = passkey_accuracy(student, tokenizer, [200, 260], depths=(0.5,), trials=2)
     assert [r["context"] for r in rows] == [200, 260] and all(r["prompts"] == 2 for r in rows)
-    assert all(0 <= r["accuracy"] <= 1 for r in rows)   # a random model finds nothing; the real-teacher test finds all
+    # a random model cannot produce a 5-digit key it was told once: a scorer that counted anything else as a hit
+    # would fail here; the real-teacher test (tests/test_real_teacher.py) checks that a model that can recall scores 1
+    assert all(r["accuracy"] == 0.0 for r in rows), rows

@@ -22,7 +22,8 @@ def test_cache_memory_is_flat_for_the_student_and_linear_for_the_teacher(tmp_pat
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 for r in result["rows"])
     assert result["crossover"]["student"]["cache_mb"] is not None
     table = markdown(result)
-    assert "| 128 |" in table and "student decode speedup" in table and "student beats teacher on decode speed" in table
+    assert "| 128 |" in table and "student decode speedup" in table
+    assert f"cache memory from {result['crossover']['student']['cache_mb']:,} tokens on" in table
     plot(result, tmp_path / "speed.png")
     assert (tmp_path / "speed.png").stat().st_size > 1000
 
@@ -42,6 +43,17 @@ def test_crossover_is_where_the_student_wins_from_then_on():
     rows += [{"model": "student", "context": L, "decode_tokens_per_s": speeds[L], "prefill_s": 2.0, "cache_mb": 3.0}
              for L in (1, 2, 4, 8)]
     assert crossovers(rows, "teacher") == {"student": {"decode_tokens_per_s": 4, "prefill_s": None, "cache_mb": 4}}
+
+
+def test_table_says_where_the_student_is_slower_and_where_it_wins():
+    rows = [{"model": "teacher", "context": L, "decode_tokens_per_s": 10.0, "prefill_s": 1.0, "cache_mb": float(L)}
+            for L in (512, 1024)]
+    rows += [{"model": "student", "context": L, "decode_tokens_per_s": 5.0, "prefill_s": 2.0, "cache_mb": 700.0}
+             for L in (512, 1024)]
+    table = markdown({"rows": rows, "crossover": crossovers(rows, "teacher")})
+    assert "| 512 | 1.00 | 10.0 | 512.0 | 2.00 | 5.0 | 700.0 | 0.50× | 1.37× |" in table
+    assert ("student beats teacher on decode speed at none of the measured lengths; prefill time at none of the "
+            "measured lengths; cache memory from 1,024 tokens on") in table
 
 
 def test_cache_bytes_counts_shared_storage_once():

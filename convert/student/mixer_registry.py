@@ -24,7 +24,12 @@ try:  # rnnify's own kernels (Triton where available); Hugging Face's `kernels` 
         args = (q, k, v, log_decay) + ((beta,) if op == "delta" else ())
         return _OPS[op].recurrent_step(*args, **kw)
 except ImportError:  # exported student without rnnify installed
+    import logging
+
     from .rnnify_ops import chunk as _chunk, recurrent_step as _step
+
+    logging.getLogger("rnnify").info("rnnify's kernels are not importable: this student runs the PyTorch ops "
+                                     "bundled beside it (rnnify_ops.py); `pip install rnnify` for the Triton kernels")
 
     def run_chunk(op, q, k, v, log_decay, beta=None, **kw):
         return _chunk(op, q, k, v, log_decay, beta, **kw)
