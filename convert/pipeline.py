@@ -229,12 +229,15 @@ def run_budget_curve(recipe: Recipe, source: str, snapshot, stage0: dict, held, 
             rankings[by] = {"order": rank_by_kl(gains), "kl_gain": {str(i): g for i, g in gains.items()}}
         else:
             rankings[by] = {"order": rank_by_error(stage0["layer_errors"], by)}
-    rows = []
+    rows, trained = [], {}   # trained: kept layers -> the row that trained that hybrid
     for K in sorted(set(curve.keep)):
         for by in (curve.rank_by[:1] if K == 0 else curve.rank_by):   # K = 0 is the same student for every ranking
             kept = sorted(rankings[by]["order"][:K])
             name = f"{'none' if K == 0 else by}-K{K}"
             log.info("budget curve %s: softmax attention back in layers %s", name, kept)
+            if tuple(kept) in trained:   # another ranking chose the same layers: the same hybrid, not trained twice
+                rows.append({**trained[tuple(kept)], "rank_by": by, "same_as": trained[tuple(kept)]["rank_by"]})
+                continue
             if K == 0 and final is not None:
                 student, figures = None, dict(final)
             else:
@@ -255,6 +258,7 @@ def run_budget_curve(recipe: Recipe, source: str, snapshot, stage0: dict, held, 
             model = student if student is not None else snapshot
             figures["cache_mb"] = measure(model, curve.cache_context, new_tokens=1)["cache_mb"]
             rows.append({"keep": K, "rank_by": by if K else None, "layers": kept, **figures})
+            trained[tuple(kept)] = rows[-1]
             del student
     return {"rankings": rankings, "rows": rows, "cache_context": curve.cache_context,
             "kept_attend": f"last {recipe.convert.attention_window:,} tokens" if recipe.convert.attention_window

@@ -112,7 +112,8 @@ def budget_curve_table(report: dict) -> str:
             + [f"passkey {n:,}" for n in recall_lengths] + [f"cache at {curve['cache_context']:,} (MB)"])
     lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---:|---:|" + "---:|" * (len(head) - 5)]
     for r in rows:
-        cells = [str(r["keep"]), r["rank_by"] or "–", ", ".join(map(str, r["layers"])) or "none",
+        ranked = (r["rank_by"] or "–") + (f" (same layers as {r['same_as']})" if r.get("same_as") else "")
+        cells = [str(r["keep"]), ranked, ", ".join(map(str, r["layers"])) or "none",
                  f"{r['perplexity']:.2f}", f"{r['perplexity'] / teacher:.2f}×"]
         for name in task_names:
             metrics = (r.get("tasks") or {}).get(name, {}).get("metrics", {})

@@ -85,18 +85,21 @@ def test_decode_memory_does_not_grow_with_generated_length(mixer):
     assert cache_bytes(16) == cache_bytes(64) > 0
 
 
-def test_save_load_round_trip_in_fresh_process_without_rnnify(tmp_path, tokenizer):
+@pytest.mark.parametrize("mixer", [{"type": "hedgehog", "window": 4}, {"type": "gated_deltanet"}],
+                         ids=["hedgehog-window", "gated_deltanet-conv-gate"])
+def test_save_load_round_trip_in_fresh_process_without_rnnify(tmp_path, tokenizer, mixer):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    student = randomize_mixers(convert(LlamaForCausalLM(cfg).eval(), {"type": "hedgehog", "window": 4}, [1, 2]))
+    student = randomize_mixers(convert(LlamaForCausalLM(cfg).eval(), mixer, [1, 2]))
     folder = save_student(student, tmp_path / "student", tokenizer)
     ids = torch.tensor([tokenizer("The if statement is used for")["input_ids"]])
     with torch.no_grad():
         ref = student(ids).logits
-    torch.save({"ids": ids, "ref": ref}, tmp_path / "ref.pt")
+    expected = student.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    torch.save({"ids": ids, "ref": ref, "expected": expected}, tmp_path / "ref.pt")
     code = f"""
 import sys
 sys.modules["kernels"] = None; sys.modules["convert"] = None   # rnnify is not installed here
@@ -107,17 +110,18 @@ tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
 d = torch.load({str(tmp_path / 'ref.pt')!r})
 diff = (m(d["ids"]).logits - d["ref"]).abs().max().item()
 out = m.generate(d["ids"], max_new_tokens=32, min_new_tokens=32, do_sample=False)
-print(diff, out.shape[1] - d["ids"].shape[1], type(m).__name__)
+print(diff, out.shape[1] - d["ids"].shape[1], type(m).__name__, torch.equal(out, d["expected"]))
 """
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr[-2000:]
-    diff, new_tokens, cls = res.stdout.strip().splitlines()[-1].split()
-    assert float(diff) == 0.0 and int(new_tokens) == 32 and cls == "RnnifyForCausalLM"
+    diff, new_tokens, cls, same_tokens = res.stdout.strip().splitlines()[-1].split()
+    assert float(diff) == 0.0 and int(new_tokens) == 32 and cls == "RnnifyForCausalLM" and same_tokens == "True"
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rnnify.RnnifyForCausalLM"
-    assert config["layer_types"] == ["full_attention", "hybrid_sliding", "hybrid_sliding"]
+    kind = "hybrid_sliding" if mixer.get("window") else "linear_attention"
+    assert config["layer_types"] == ["full_attention", kind, kind]
     for name in ("model.safetensors", "rnnify_ops.py", "modeling_rnnify.py", "generation_config.json",
                  "tokenizer.json"):
         assert (folder / name).is_file(), name
