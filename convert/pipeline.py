@@ -229,6 +229,8 @@ def run_budget_curve(recipe: Recipe, source: str, snapshot, stage0: dict, held, 
             rankings[by] = {"order": rank_by_kl(gains), "kl_gain": {str(i): g for i, g in gains.items()}}
         else:
             rankings[by] = {"order": rank_by_error(stage0["layer_errors"], by)}
+    later = {i: stage_rows(recipe, i, tokenizer, source)   # the same rows for every budget: prepared once
+             for i in range(curve.after_stage + 1, len(recipe.stages))}
     rows, trained = [], {}   # trained: kept layers -> the row that trained that hybrid
     for K in sorted(set(curve.keep)):
         for by in (curve.rank_by[:1] if K == 0 else curve.rank_by):   # K = 0 is the same student for every ranking
@@ -243,9 +245,8 @@ def run_budget_curve(recipe: Recipe, source: str, snapshot, stage0: dict, held, 
             else:
                 student = restore_attention(copy.deepcopy(snapshot), kept)
                 key = hashlib.sha256(f"{fingerprint}|{name}".encode()).hexdigest()[:16]
-                for i in range(curve.after_stage + 1, len(recipe.stages)):
+                for i, (rows_i, held_i) in later.items():
                     stage = recipe.stages[i]
-                    rows_i, held_i = stage_rows(recipe, i, tokenizer, source)
                     stage_dir = out / "budget_curve" / name / "stages" / f"{i}-{stage.name}"
                     key = stage_fingerprint(recipe, i, key, rows_i)
                     student, _ = STAGE_RUNNERS[stage.name](student, stage, rows_i, held_i, stage_dir,
