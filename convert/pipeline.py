@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import time
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from distill.attention_transfer import train_attention_transfer
 from distill.distillation import check_lora_targets, train_distill
 from distill.training import NonFiniteError, ResumeError, TrainOptions
 from distill.layer_selection import kl_gains, rank_by_error, rank_by_kl
-from distill.data import DataError, document_windows, load_documents, pack_documents, take_tokens, tokenize_documents
-from eval.perplexity import perplexity
+from distill.data import BudgetError, DataError, check_documents, document_windows, load_documents, packed_rows
+from eval.perplexity import perplexity as score_windows
 
 from .convert import calibrate_attention_sinks, calibrate_output_norms, convert, restore_attention, save_student
 from .recipe import AutoKeep, Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, recipe_hash, resolve_path
@@ -44,6 +45,26 @@ def resolve_teacher(recipe: Recipe, source: str) -> str:
     return ref   # a Hub name
 
 
+# Evaluation under several processes: held-out perplexity splits its windows across them (``perplexity``).
+# lm-eval (it does not split the requests of an in-memory model), speed (one stream by definition) and passkey
+# run in the main process; the others wait at the next collective.  That wait is bounded by the process group's
+# timeout, which NCCL's watchdog enforces (10 minutes by default: shorter than the GPU recipes' evaluations), so
+# the pipeline creates the group with this one.
+EVALUATION_WAIT = timedelta(hours=12)
+
+
+def perplexity(model, windows, batch_size: int) -> float:
+    """Held-out perplexity; under several processes each scores its share of the windows (all must call it)."""
+    return score_windows(model, windows, batch_size, split_across_processes=True)
+
+
+def process_state(device: str):
+    """accelerate's process state, created with ``EVALUATION_WAIT`` as the process group's timeout."""
+    from accelerate import PartialState
+    from accelerate.utils import InitProcessGroupKwargs
+    return PartialState(cpu=device == "cpu", **InitProcessGroupKwargs(timeout=EVALUATION_WAIT).to_kwargs())
+
+
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names pass through."""
     if name == "auto":
@@ -60,40 +81,54 @@ def load_teacher_config(location: str, source: str):
                           f"{str(e).splitlines()[0]}") from None
 
 
-def load_text(recipe: Recipe, text: TextSource, field: str, source: str, builtin_split: str, hub_split: str):
-    """The documents of ``text`` (a ``datasets.Dataset`` with column ``text``); errors name ``field``.
-
-    Without ``text.split``: ``builtin_split`` for bundled corpora, ``hub_split`` for Hub datasets.
-    """
+def text_location(recipe: Recipe, text: TextSource, builtin_split: str, hub_split: str) -> tuple[str, str]:
+    """``(source, split)`` of ``text``: relative paths resolved beside the recipe, then at the repo root;
+    without ``text.split``: ``builtin_split`` for bundled corpora, ``hub_split`` for Hub datasets."""
     name = text.source
     if not name.startswith("builtin:"):
-        local = resolve_path(recipe, name)   # relative paths: beside the recipe, then the repo root
+        local = resolve_path(recipe, name)
         name = str(local) if local is not None else name
-    split = text.split or (builtin_split if name.startswith("builtin:") else hub_split)
+    return name, text.split or (builtin_split if name.startswith("builtin:") else hub_split)
+
+
+def load_text(recipe: Recipe, text: TextSource, field: str, source: str, builtin_split: str, hub_split: str,
+              check_only: bool = False):
+    """The documents of ``text`` (a ``datasets.Dataset`` with column ``text``); errors name ``field``.
+    ``check_only``: only check that the source exists and its first record has the text column."""
+    name, split = text_location(recipe, text, builtin_split, hub_split)
     try:
+        if check_only:
+            return check_documents(name, split=split, text_column=text.text_column, subset=text.subset)
         return load_documents(name, split=split, text_column=text.text_column, subset=text.subset)
     except DataError as e:
         raise RecipeError(f"{source}: {field}: {e}") from None
 
 
-def heldout_documents(recipe: Recipe, source: str):
-    return load_text(recipe, recipe.eval.text, "eval.text", source, builtin_split="heldout", hub_split="test")
+def heldout_documents(recipe: Recipe, source: str, check_only: bool = False):
+    return load_text(recipe, recipe.eval.text, "eval.text", source, builtin_split="heldout", hub_split="test",
+                     check_only=check_only)
+
+
+def heldout_windows(recipe: Recipe, tokenizer, source: str) -> list:
+    """The held-out perplexity windows; only the documents they need are tokenized."""
+    return document_windows(heldout_documents(recipe, source), recipe.eval.seq_len, recipe.eval.max_tokens,
+                            tokenizer=tokenizer)
 
 
 def validate(recipe_path: str, overrides: list[str] = ()):
-    """Every check that needs no weights: the recipe itself, then against the teacher's config.json."""
+    """Every check that needs no weights and reads no dataset beyond its first record: the recipe itself, then
+    against the teacher's config.json, then each text source (it exists and has the text column).  Token
+    budgets are checked against the data when ``run`` packs the rows, before any weights load."""
     recipe, resolved = load_recipe(recipe_path, overrides)
     location = resolve_teacher(recipe, recipe_path)
     config = load_teacher_config(location, recipe_path)
     layers = check_against_teacher(recipe, config, recipe_path)
-    heldout_documents(recipe, recipe_path)
+    heldout_documents(recipe, recipe_path, check_only=True)
     check_trackers(recipe, recipe_path)
     check_tasks(recipe, recipe_path)
-    if recipe.stages:   # every stage's data and token budget, before any weights load
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        for i in range(len(recipe.stages)):
-            stage_rows(recipe, i, tokenizer, recipe_path)
+    for i, stage in enumerate(recipe.stages):
+        load_text(recipe, stage.data, f"stages[{i}].data", recipe_path, builtin_split="train", hub_split="train",
+                  check_only=True)
     return recipe, resolved, location, config, layers
 
 
@@ -137,20 +172,34 @@ def check_tasks(recipe: Recipe, source: str, prepare: bool = False) -> None:
 
 
 def stage_rows(recipe: Recipe, i: int, tokenizer, source: str):
-    """Training rows of stage ``i`` (its data, packed at its seq_len, cut to its token budget) and held-out rows."""
+    """Training rows of stage ``i`` (its data, packed at its seq_len, cut to its token budget) and held-out rows.
+
+    Only the documents the budget needs are tokenized (``distill.data.packed_rows``; rows cached).  Returns
+    ``(rows, held, documents_tokenized)``."""
     stage = recipe.stages[i]
-    docs = load_text(recipe, stage.data, f"stages[{i}].data", source, builtin_split="train", hub_split="train")
-    try:
-        rows = take_tokens(pack_documents(tokenize_documents(docs, tokenizer), stage.seq_len, seed=recipe.seed),
-                           stage.tokens, source=stage.data.source)
-        held = None
-        if getattr(stage, "eval_rows", 0):
-            held = take_tokens(pack_documents(tokenize_documents(heldout_documents(recipe, source), tokenizer),
-                                              stage.seq_len, seed=recipe.seed),
-                               stage.eval_rows * stage.seq_len, source=recipe.eval.text.source)
-    except DataError as e:
-        raise RecipeError(f"{source}: stages[{i}].tokens: {e}") from None
-    return rows, held
+
+    def rows_of(text: TextSource, field: str, tokens: int, builtin_split: str, hub_split: str):
+        name, split = text_location(recipe, text, builtin_split, hub_split)
+        try:
+            return packed_rows(name, tokenizer, seq_len=stage.seq_len, tokens=tokens, seed=recipe.seed, split=split,
+                               text_column=text.text_column, subset=text.subset)
+        except BudgetError as e:
+            raise RecipeError(f"{source}: stages[{i}].tokens: {e}") from None
+        except DataError as e:
+            raise RecipeError(f"{source}: {field}: {e}") from None
+
+    rows, tokenized = rows_of(stage.data, f"stages[{i}].data", stage.tokens, "train", "train")
+    held = None
+    if getattr(stage, "eval_rows", 0):
+        held, _ = rows_of(recipe.eval.text, "eval.text", stage.eval_rows * stage.seq_len, "heldout", "test")
+    return rows, held, tokenized
+
+
+def all_stage_rows(recipe: Recipe, tokenizer, source: str) -> dict:
+    """Every stage's rows (``stage_rows``), prepared by the main process first; the others read its cache."""
+    from accelerate import PartialState
+    with PartialState().main_process_first():
+        return {i: stage_rows(recipe, i, tokenizer, source) for i in range(len(recipe.stages))}
 
 
 def stage_fingerprint(recipe: Recipe, i: int, previous: str, rows) -> str:
@@ -211,12 +260,12 @@ def auto_keep_layers(layer_errors: dict, spec: AutoKeep) -> list[int]:
 
 
 def run_budget_curve(recipe: Recipe, source: str, snapshot, stage0: dict, held, windows, tokenizer, out: Path,
-                     device: str, fingerprint: str, main: bool, final: dict | None) -> dict:
+                     device: str, fingerprint: str, main: bool, final: dict | None, all_rows: dict) -> dict:
     """``budget_curve``: from ``snapshot`` (the student right after stage ``after_stage``, whose summary is
     ``stage0``), for each ranking and each K, give the K top-ranked layers their softmax attention back, run the
     later stages again under ``<out>/budget_curve/<ranking>-K<K>/`` and evaluate: held-out perplexity, the recipe's
     lm-eval tasks and passkey retrieval, and cache memory at ``cache_context`` tokens.  ``final``: the main run's
-    final figures, reused for K = 0 when the main run is that student."""
+    final figures, reused for K = 0 when the main run is that student.  ``all_rows``: ``all_stage_rows``."""
     import copy
 
     from eval.speed import measure
@@ -229,8 +278,7 @@ def run_budget_curve(recipe: Recipe, source: str, snapshot, stage0: dict, held, 
             rankings[by] = {"order": rank_by_kl(gains), "kl_gain": {str(i): g for i, g in gains.items()}}
         else:
             rankings[by] = {"order": rank_by_error(stage0["layer_errors"], by)}
-    later = {i: stage_rows(recipe, i, tokenizer, source)   # the same rows for every budget: prepared once
-             for i in range(curve.after_stage + 1, len(recipe.stages))}
+    later = {i: all_rows[i][:2] for i in range(curve.after_stage + 1, len(recipe.stages))}   # same rows for every K
     rows, trained = [], {}   # trained: kept layers -> the row that trained that hybrid
     for K in sorted(set(curve.keep)):
         for by in (curve.rank_by[:1] if K == 0 else curve.rank_by):   # K = 0 is the same student for every ranking
@@ -387,10 +435,9 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     digest = recipe_hash(resolved)
-    from accelerate import PartialState
     device = resolve_device(recipe.device)
     # under `accelerate launch`/torchrun every process runs this (CPU: gloo); one of them writes the outputs
-    main = PartialState(cpu=device == "cpu").is_main_process
+    main = process_state(device).is_main_process
     if main:
         (out / "recipe.resolved.yaml").write_text(f"# recipe hash: {digest}\n" + yaml.safe_dump(resolved, sort_keys=False))
     info = teacher_info(Path(location)) if Path(location).is_dir() else {}
@@ -400,9 +447,14 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     torch.manual_seed(recipe.seed)
     timings = {}
     t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    # every stage's rows before any weights load: a budget the data cannot fill stops the run here
+    all_rows = all_stage_rows(recipe, tokenizer, recipe_path)
+    windows = heldout_windows(recipe, tokenizer, recipe_path)
+    timings["data_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     dtype = getattr(torch, recipe.dtype)
     teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(location)
     timings["load_teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -414,10 +466,8 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
                 check_lora_targets(student, stage.lora.target_modules)
             except ValueError as e:
                 raise RecipeError(f"{recipe_path}: stages[{i}].lora.target_modules: {e}") from None
-    prepared_rows = {}   # stage index -> (rows, held-out rows), for rows needed before their stage runs
     if recipe.convert.calibrates_sinks and recipe.stages:
-        prepared_rows[0] = stage_rows(recipe, 0, tokenizer, recipe_path)
-        rows = prepared_rows[0][0]
+        rows = all_rows[0][0]
         n = calibrate_attention_sinks(student, rows.select(range(min(SINK_CALIBRATION_ROWS, len(rows)))),
                                       recipe.stages[0].batch_size)
         log.info("attention sinks: the teacher's mean first-token key/value over %d sequence starts", n)
@@ -425,7 +475,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         log.warning("attention sinks start from zeros: no stage data to calibrate them on")
     calibrated = {}
     if recipe.stages:
-        rows = (prepared_rows.get(0) or prepared_rows.setdefault(0, stage_rows(recipe, 0, tokenizer, recipe_path)))[0]
+        rows = all_rows[0][0]
         n = calibrate_output_norms(student, rows.select(range(min(OUTPUT_NORM_CALIBRATION_ROWS, len(rows)))),
                                    recipe.stages[0].batch_size)
         if n:
@@ -434,8 +484,6 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings["convert_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    windows = document_windows(tokenize_documents(heldout_documents(recipe, recipe_path), tokenizer),
-                               recipe.eval.seq_len, recipe.eval.max_tokens)
     fingerprint = conversion_fingerprint(recipe, location, layers, calibrated)
     eval_key = {"conversion": fingerprint, "eval": recipe.eval.model_dump(mode="json")}
     ppl = {"teacher": cached_evaluation(out, "teacher", eval_key, main,
@@ -459,7 +507,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
 
     stages = []
     for i, stage in enumerate(recipe.stages):
-        rows, held = prepared_rows.pop(i, None) or stage_rows(recipe, i, tokenizer, recipe_path)
+        rows, held, tokenized = all_rows[i]
         fingerprint = stage_fingerprint(recipe, i, fingerprint, rows)
         stage_dir = out / "stages" / f"{i}-{stage.name}"
         done = completed_stage(stage_dir, fingerprint)
@@ -477,8 +525,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
             summary = done
         if recipe.budget_curve and i == recipe.budget_curve.after_stage:
             import copy
-            curve_start = (copy.deepcopy(student), summary, held if held is not None else
-                           stage_rows(recipe, i, tokenizer, recipe_path)[1], fingerprint)
+            curve_start = (copy.deepcopy(student), summary, held, fingerprint)
         if i == 0 and isinstance(recipe.convert.keep_attention, AutoKeep):
             kept = auto_keep_layers(summary["layer_errors"], recipe.convert.keep_attention)
             student = restore_attention(student, kept)
@@ -490,6 +537,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         if not done:
             t0 = time.perf_counter()
             summary["perplexity"] = perplexity(student, windows, recipe.eval.batch_size)
+            summary["documents_tokenized"] = tokenized   # 0: its rows came from the rows cache
             last = i == len(recipe.stages) - 1
             if "stages" in recipe.eval.tasks_at or (last and "student" in recipe.eval.tasks_at):
                 summary["tasks"] = evaluate_tasks(student, tokenizer, recipe, out, f"after_stage_{i}",
@@ -518,7 +566,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
             if recall is not None:
                 recall["student"] = final["recall"]
         budget_curve = run_budget_curve(recipe, recipe_path, snapshot, summary0, held0, windows, tokenizer, out,
-                                        device, key0, main, final)
+                                        device, key0, main, final, all_rows)
         del snapshot
 
     t0 = time.perf_counter()
@@ -560,7 +608,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         _write_json_atomic(out / "report.json", report)
         write_report(report, out)
         print_summary(report)
-    PartialState().wait_for_everyone()
+    process_state(device).wait_for_everyone()
     return report
 
 
@@ -647,8 +695,7 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
     report = json.loads((out / "report.json").read_text())
     device, dtype = resolve_device(recipe.device), getattr(torch, recipe.dtype)
     tokenizer = AutoTokenizer.from_pretrained(location)
-    windows = document_windows(tokenize_documents(heldout_documents(recipe, recipe_path), tokenizer),
-                               recipe.eval.seq_len, recipe.eval.max_tokens)
+    windows = heldout_windows(recipe, tokenizer, recipe_path)
     teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
     report["perplexity"]["teacher"] = perplexity(teacher, windows, recipe.eval.batch_size)
     tasks = {"teacher": evaluate_tasks(teacher, tokenizer, recipe, out, "teacher", location)} \

@@ -48,7 +48,7 @@ class TrainOptions:
     trackers: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb), logging under out_dir
 
 
-STATE_FILE = "state.pt"
+STATE_FILE = "rnnify_state.json"   # written last: a checkpoint without it is incomplete
 
 
 def latest_checkpoint(folder: Path, fingerprint: str) -> Path | None:
@@ -60,49 +60,90 @@ def latest_checkpoint(folder: Path, fingerprint: str) -> Path | None:
     return None
 
 
-def save_checkpoint(folder: Path, step: int, tokens: int, params, optimizer, scheduler, fingerprint: str,
-                    num_processes: int, keep: int) -> None:
-    """Write ``step-<N>`` atomically (temp folder, then rename), then prune the oldest beyond ``keep``."""
-    import random
-
-    import numpy as np
-
+def save_checkpoint(accelerator, folder: Path, step: int, tokens: int, fingerprint: str, keep: int) -> None:
+    """``step-<N>`` through accelerate's ``save_state`` (which knows DDP, FSDP and DeepSpeed and keeps every
+    process's RNG), atomically: every process writes into ``step-<N>.tmp``, then the main process adds the state
+    file last and renames the folder; the oldest checkpoints beyond ``keep`` are pruned only after that."""
     final = folder / f"step-{step:06d}"
     tmp = folder / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "FINGERPRINT").write_text(fingerprint)
-    torch.save({"step": step, "tokens": tokens, "num_processes": num_processes,
-                "params": [p.detach().cpu().clone() for p in params], "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}},
-               tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    complete = sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))
-    for old in complete[:-keep]:             # only after the new one is complete
-        shutil.rmtree(old, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "FINGERPRINT").write_text(fingerprint)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens,
+                                                  "num_processes": accelerator.num_processes}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        complete = sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))
+        for old in complete[:-keep]:             # only after the new one is complete
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, params, optimizer, scheduler, num_processes: int) -> tuple[int, int]:
-    import random
-
-    import numpy as np
-
-    state = torch.load(path / STATE_FILE, weights_only=False)
-    if state["num_processes"] != num_processes:
-        raise ResumeError(f"{path}: written by {state['num_processes']} process(es), resumed with {num_processes}: "
-                         "the batches would differ; resume with the same number of processes, or delete the "
-                         "checkpoints folder to restart the stage")
-    with torch.no_grad():
-        for p, saved in zip(params, state["params"]):
-            p.copy_(saved.to(p.device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+def load_checkpoint(accelerator, path: Path) -> tuple[int, int]:
+    """Restore what ``save_checkpoint`` wrote (trainable weights, optimizer, schedule, each process's RNG);
+    returns ``(step, tokens)``.  Another number of processes would see other batches: a ``ResumeError``."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise ResumeError(f"{path}: written by {state['num_processes']} process(es), resumed with "
+                          f"{accelerator.num_processes}: the batches would differ; resume with "
+                          f"{state['num_processes']} process(es), or delete the checkpoints folder to restart the stage")
+    accelerator.load_state(str(path), strict=False)   # the checkpoint holds the trainable weights only
     return state["step"], state["tokens"]
+
+
+def save_only_trainable(params: list):
+    """An accelerate save-state pre-hook: model files hold the trained tensors only (not the frozen teacher).
+    Under FSDP/DeepSpeed accelerate writes its own sharded files and this hook sees no weights."""
+    ids = {id(p) for p in params}
+
+    def hook(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            keep = {name for name, p in model.named_parameters() if id(p) in ids}
+            for name in [k for k in state if k not in keep]:
+                del state[name]
+    return hook
+
+
+def fresh_accelerator_state() -> None:
+    """Forget the previous stage's accelerate settings, keeping the process group.
+
+    accelerate keeps one global state per process and refuses another ``mixed_precision`` (or gradient
+    accumulation) later in the same process; every stage builds its own ``Accelerator`` with its own, so the
+    state is reset first — as transformers' ``TrainingArguments`` does for each Trainer.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def master_weights_in_fp32(params: list, mixed_precision: str) -> dict:
+    """Under mixed precision, trainable tensors stored in bf16/fp16 are held in fp32 while they train (AdamW's
+    updates are far below bf16's resolution); compute runs in the autocast dtype.  Returns ``{tensor: dtype}``
+    to give each back its storage dtype afterwards (``restore_dtypes``).  Without mixed precision nothing
+    changes (an fp32 weight would meet bf16 activations in a plain matmul)."""
+    if mixed_precision == "no":
+        low = sum(p.numel() for p in params if p.dtype in (torch.bfloat16, torch.float16))
+        if low:
+            log.warning("%d trainable values are stored in %s and mixed_precision is 'no': AdamW updates them in "
+                        "that precision; set mixed_precision: bf16 for fp32 master weights", low,
+                        next(p.dtype for p in params if p.dtype in (torch.bfloat16, torch.float16)))
+        return {}
+    original = {}
+    for p in params:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            original[p] = p.dtype
+            p.data = p.data.float()
+    return original
+
+
+def restore_dtypes(original: dict) -> None:
+    for p, dtype in original.items():
+        p.data = p.data.to(dtype)
 
 
 def _number(x):
@@ -129,17 +170,24 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(opts.seed)
+    fresh_accelerator_state()
     accelerator = Accelerator(cpu=opts.cpu, mixed_precision=opts.mixed_precision,
                               gradient_accumulation_steps=opts.gradient_accumulation_steps,
                               log_with=list(opts.trackers) or None, project_dir=out_dir)
     loader = DataLoader(rows, batch_size=opts.batch_size, shuffle=False, collate_fn=collate_packed)
-    steps = math.ceil(len(loader) / opts.gradient_accumulation_steps)
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    if params and isinstance(params[0], dict):
+    groups = params if params and isinstance(params[0], dict) else None
+    if groups:
         params = [p for group in params for p in group["params"]]
+    storage_dtypes = master_weights_in_fp32(params, opts.mixed_precision)
+    optimizer = torch.optim.AdamW(groups or params, lr=opts.lr, weight_decay=opts.weight_decay)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    # planned from this process's shard of the rows: each optimizer step is one step of the schedule,
+    # whatever the number of processes (the scheduler is stepped here, not by accelerate)
+    steps = math.ceil(len(loader) / opts.gradient_accumulation_steps)
     scheduler = get_scheduler(opts.lr_schedule, optimizer, num_warmup_steps=opts.warmup_steps,
                               num_training_steps=steps)
-    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(save_only_trainable(params))
     module.train()
 
     history, step, tokens, started = [], 0, 0, time.perf_counter()
@@ -148,7 +196,7 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     resume = latest_checkpoint(ckpt_dir, opts.fingerprint) if opts.checkpoint_every else None
     batches = loader
     if resume is not None:
-        step, tokens = load_checkpoint(resume, params, optimizer, scheduler, accelerator.num_processes)
+        step, tokens = load_checkpoint(accelerator, resume)
         history = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()][:step]
         batches = accelerator.skip_first_batches(loader, step * opts.gradient_accumulation_steps)
         log.info("%s: resuming from %s (step %d of %d)", name, resume, step, steps)
@@ -171,7 +219,8 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
                     if not torch.isfinite(grad_norm):
                         raise NonFiniteError(_why(name, "gradient norm", grad_norm.item(), step + 1, opts, ckpt_dir))
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
                 optimizer.zero_grad()
             tokens += batch["input_ids"].numel() * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -194,18 +243,18 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
             if step % opts.log_every == 0:
                 log.info("%s step %d/%d loss %.4g", name, step, steps, loss_value)
             if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == steps):
-                if main:
-                    save_checkpoint(ckpt_dir, step, tokens, params, optimizer, scheduler, opts.fingerprint,
-                                    accelerator.num_processes, opts.keep_checkpoints)
-                accelerator.wait_for_everyone()
+                save_checkpoint(accelerator, ckpt_dir, step, tokens, opts.fingerprint, opts.keep_checkpoints)
     bar.close()
     if opts.trackers:
         accelerator.end_training()
+    restore_dtypes(storage_dtypes)
+    # prepare() wrapped the module's forward in this stage's autocast; a later stage may use another precision
+    accelerator.unwrap_model(module, keep_fp32_wrapper=False)
     wall = time.perf_counter() - started
     if main:
         plot_loss(history, out_dir / "loss.png", name)
     accelerator.wait_for_everyone()
-    return {"name": name, "steps": step, "tokens": tokens, "seq_len": len(rows[0]["input_ids"]),
+    return {"name": name, "steps": step, "planned_steps": steps, "tokens": tokens, "seq_len": len(rows[0]["input_ids"]),
             "wall_s": round(wall, 2), "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
             "final_loss": history[-1]["loss"] if history else None, "peak_memory_gb": peak_memory_gb(accelerator.device)}
 

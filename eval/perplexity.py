@@ -7,15 +7,20 @@ import torch
 
 
 @torch.no_grad()
-def perplexity(model, windows: list[torch.Tensor], batch_size: int = 4) -> float:
+def perplexity(model, windows: list[torch.Tensor], batch_size: int = 4, *, split_across_processes: bool = False) -> float:
     """exp(mean next-token NLL) of ``model`` over ``windows`` (1-D LongTensors of >= 2 tokens each).
 
     Windows are batched with right padding and an attention mask (recurrent state never sees padding
     before real tokens); no state or context is carried from one window to the next.  Works for any
-    causal LM returning ``.logits``.
+    causal LM returning ``.logits``.  ``split_across_processes``: under ``torch.distributed``, process r
+    scores windows r, r + W, r + 2W, ... and the NLL and token sums are all-reduced, so every process
+    gets the same figure in 1/W of the time (every process must call it).
     """
     if not windows or any(w.numel() < 2 for w in windows):
         raise ValueError("perplexity needs windows of at least 2 tokens each")
+    distributed = split_across_processes and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        windows = windows[torch.distributed.get_rank()::torch.distributed.get_world_size()]
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     model.eval()
@@ -34,4 +39,9 @@ def perplexity(model, windows: list[torch.Tensor], batch_size: int = 4) -> float
         keep = mask[:, 1:].reshape(-1).bool()
         total_nll += nll[keep].sum().item()
         total_tokens += int(keep.sum())
+    if distributed:
+        sums = torch.tensor([total_nll, float(total_tokens)], dtype=torch.float64,
+                            device=device if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(sums)
+        total_nll, total_tokens = sums[0].item(), sums[1].item()
     return math.exp(total_nll / total_tokens)

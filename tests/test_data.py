@@ -187,9 +187,9 @@ def test_token_budget():
 
 
 def test_packed_rows_end_to_end(tokenizer, tmp_cache):
-    rows = packed_rows("builtin:python-docs", tokenizer, seq_len=64, tokens=64 * 10, seed=0)
+    rows, _ = packed_rows("builtin:python-docs", tokenizer, seq_len=64, tokens=64 * 10, seed=0)
     assert len(rows) == 10
-    again = packed_rows("builtin:python-docs", tokenizer, seq_len=64, tokens=64 * 10, seed=0)
+    again, _ = packed_rows("builtin:python-docs", tokenizer, seq_len=64, tokens=64 * 10, seed=0, cache=False)
     assert rows["input_ids"] == again["input_ids"]
     with pytest.raises(DataError, match="builtin:python-docs: token budget"):
         packed_rows("builtin:python-docs", tokenizer, seq_len=64, tokens=10 ** 9, seed=0)
@@ -215,3 +215,81 @@ def test_document_windows_never_span_documents():
     with pytest.raises(DataError, match="no evaluation window"):
         document_windows(tokenized(range(1)), 8, 100)
     assert math.isfinite(sum(len(w) for w in capped))
+
+
+# -- budget-proportional rows ---------------------------------------------------------------------
+@pytest.mark.parametrize("seq_len, tokens, seed, group", [(64, 640, 0, 1000), (32, 32 * 50, 3, 7), (128, 128 * 40, 1, 5)])
+def test_budget_rows_equal_packing_everything_then_cutting(tokenizer, tmp_cache, seq_len, tokens, seed, group):
+    from distill.data import budget_rows
+    docs = load_documents("builtin:python-docs")
+    whole = take_tokens(pack_documents(tokenize_documents(docs, tokenizer), seq_len, seed=seed, docs_per_group=group),
+                        tokens)
+    rows, tokenized = budget_rows(docs, tokenizer, seq_len=seq_len, tokens=tokens, seed=seed, docs_per_group=group)
+    assert rows["input_ids"] == whole["input_ids"] and rows["position_ids"] == whole["position_ids"]
+    assert tokenized < len(docs)
+
+
+def test_budget_rows_tokenize_a_small_multiple_of_what_the_budget_needs(tokenizer, tmp_path):
+    from datasets import Dataset
+
+    from distill.data import budget_rows
+    texts = [f"document {i}: " + " ".join(f"w{i * 7 + j}" for j in range(40)) for i in range(5000)]
+    calls = []
+    real = type(tokenizer).__call__
+
+    def counting(self, text, *a, **k):
+        calls.append(len(text))
+        return real(self, text, *a, **k)
+    docs = Dataset.from_dict({"text": texts})
+    from unittest import mock
+    with mock.patch.object(type(tokenizer), "__call__", counting):
+        rows, tokenized = budget_rows(docs, tokenizer, seq_len=64, tokens=64 * 20, seed=0)
+    needed = len({tuple(r) for r in rows["input_ids"]})   # ~20 rows of 64 from documents of ~80 tokens
+    assert len(rows) == 20 and sum(calls) == tokenized
+    assert tokenized <= 2 * 20 + 8, f"tokenized {tokenized} documents of 5,000 for 20 rows"
+    assert needed == 20
+    # a streamed dataset (the Hub path) is read in a seeded buffered order, deterministically, just as sparingly
+    stream = Dataset.from_dict({"text": texts}).to_iterable_dataset()
+    a, n = budget_rows(stream, tokenizer, seq_len=64, tokens=64 * 20, seed=0)
+    b, _ = budget_rows(stream, tokenizer, seq_len=64, tokens=64 * 20, seed=0)
+    assert a["input_ids"] == b["input_ids"] and len(a) == 20 and n <= 2 * 20 + 8
+    from distill.data import BudgetError
+    with pytest.raises(BudgetError, match=r"x: token budget 10,000,000 is larger than the data"):
+        budget_rows(docs.select(range(30)), tokenizer, seq_len=64, tokens=10 ** 7, seed=0, source="x")
+
+
+def test_packed_rows_are_cached_for_other_processes_and_reruns(tokenizer, tmp_cache, monkeypatch):
+    first, n = packed_rows("builtin:python-docs", tokenizer, seq_len=64, tokens=64 * 10, seed=0)
+    assert n > 0 and any((tmp_cache / "rows").iterdir())
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again instead of reading the cached rows")
+    monkeypatch.setattr(type(tokenizer), "__call__", no_tokenizing)
+    again, n_again = packed_rows("builtin:python-docs", tokenizer, seq_len=64, tokens=64 * 10, seed=0)
+    assert n_again == 0 and again["input_ids"] == first["input_ids"]
+    assert again._fingerprint == first._fingerprint   # stage fingerprints (resume) see the same rows
+
+
+def test_check_documents_reads_only_the_first_record(tmp_path, tmp_cache):
+    from distill.data import check_documents
+    corpus = tmp_path / "corpus"   # a sharded corpus whose last shard is broken: only a full read meets it
+    corpus.mkdir()
+    (corpus / "shard-0.jsonl").write_text(json.dumps({"text": "the first document"}) + "\n"
+                                          + "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(1000)))
+    (corpus / "shard-9.jsonl").write_text("{broken json\n")
+    assert check_documents(str(corpus))["text"] == "the first document"
+    with pytest.raises(DataError, match="cannot read as json"):
+        load_documents(str(corpus))
+    with pytest.raises(DataError, match=r"no column 'body' \(columns: text\)"):
+        check_documents(str(corpus), text_column="body")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl"):
+        check_documents(str(tmp_path / "empty.jsonl"))
+    assert check_documents("builtin:python-docs", split="heldout")["text"]
+
+
+def test_document_windows_tokenize_lazily_and_equal_pretokenized(tokenizer, tmp_cache):
+    docs = load_documents("builtin:python-docs")
+    lazy = document_windows(docs, 64, 1000, seed=2, tokenizer=tokenizer)
+    eager = document_windows(tokenize_documents(docs, tokenizer), 64, 1000, seed=2)
+    assert [w.tolist() for w in lazy] == [w.tolist() for w in eager]

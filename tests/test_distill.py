@@ -167,3 +167,38 @@ def test_lora_targets_that_match_nothing_are_named_with_the_layers_that_exist():
     with pytest.raises(ValueError, match=r"lora.target_modules \['q_proj', 'k_proj'\] match no Linear layer of this "
                                          r"model; its Linear layers are named \[.*'qkv_proj'"):
         check_lora_targets(phi3, ["q_proj", "k_proj", "o_proj"])
+
+
+class _Probe(torch.nn.Module):
+    """A module with a bf16 weight that records the dtype it trains in: loss = mean((W x)^2) over embedded rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(97, 8).to(torch.bfloat16).requires_grad_(False)
+        self.proj = torch.nn.Linear(8, 8, bias=False).to(torch.bfloat16)
+        self.seen = []
+
+    def forward(self, input_ids, position_ids, labels):
+        self.seen.append((self.proj.weight.dtype, torch.is_autocast_enabled("cpu")))
+        y = self.proj(self.embed(input_ids))
+        return (y.float() ** 2).mean(), {}
+
+
+def test_master_weights_are_fp32_under_mixed_precision_and_stages_may_change_precision(tmp_path):
+    from distill.training import train
+    probe = _Probe()
+    before = probe.proj.weight.detach().clone()
+    train(probe, [probe.proj.weight], rows(), TrainOptions(lr=1e-3, batch_size=4, mixed_precision="bf16"),
+          tmp_path / "bf16", "bf16 stage")
+    assert set(probe.seen) == {(torch.float32, True)}   # fp32 master weight, bf16 compute
+    assert probe.proj.weight.dtype == torch.bfloat16 and probe.embed.weight.dtype == torch.bfloat16
+    # lr 1e-3 moves a weight by ~1e-3 per step, below half of bf16's spacing (~2e-3) for most weights here: applied
+    # in bf16 they would be lost; fp32 master weights accumulate them over the 9 steps
+    assert (probe.proj.weight != before).float().mean() > 0.9
+    probe.seen.clear()
+    probe.float()   # a later stage in the same process, without mixed precision (accelerate's state is reset)
+    summary = train(probe, [probe.proj.weight], rows(), TrainOptions(lr=1e-3, batch_size=4), tmp_path / "fp32",
+                    "fp32 stage")
+    assert set(probe.seen) == {(torch.float32, False)} and summary["steps"] == summary["planned_steps"]
+    log = [json.loads(x) for x in (tmp_path / "fp32" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-12)   # the cosine schedule runs to its end

@@ -25,10 +25,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = run(launcher, tmp_path / "two", bs=2)       # 2 processes x 2 rows
     one = run([sys.executable], tmp_path / "one", bs=4)   # 1 process x 4 rows
-    for stage in one:
-        assert len(one[stage]) == len(two[stage]) > 0, stage
+    planned = [st["planned_steps"] for st in json.loads((tmp_path / "two" / "report.json").read_text())["stages"]]
+    for i, stage in enumerate(one):
+        assert len(one[stage]) == len(two[stage]) == planned[i] > 0, stage   # steps planned from each shard
+        assert two[stage][-1]["lr"] == 0.0, stage                            # the cosine schedule ran to its end
         for a, b in zip(one[stage], two[stage]):
-            assert a["tokens"] == b["tokens"]                      # the same global batch per step
+            assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]       # the same global batch and schedule
             # same batches and updates; only the order of fp32 reductions differs
             assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(a["loss"]) + 1e-7, (stage, a["step"], a["loss"], b["loss"])
     assert (tmp_path / "two" / "report.json").is_file() and (tmp_path / "two" / "student" / "config.json").is_file()

@@ -315,14 +315,20 @@ def test_stage_fields(tmp_path, stage, field, message):
     assert f": {field}: " in msg and message in msg, msg
 
 
-def test_stage_budget_larger_than_the_data_fails_validation(tmp_path):
-    from convert.pipeline import validate
+def test_stage_budget_larger_than_the_data_stops_the_run_before_weights_load(tmp_path, monkeypatch):
+    from convert import pipeline
     stage = {"name": "attention_transfer", "data": "builtin:python-docs", "tokens": 10 ** 9}
+    path = str(write(tmp_path, {**BASE, "output_dir": str(tmp_path / "out"), "stages": [stage]}))
+    pipeline.validate(path)   # validate reads no dataset beyond its first record: it cannot know the budget
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the data was checked")
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
     with pytest.raises(RecipeError, match=r"stages\[0\].tokens: builtin:python-docs: token budget 1,000,000,000 "
                                           r"is larger than the data"):
-        validate(str(write(tmp_path, {**BASE, "stages": [stage]})))
+        pipeline.run(path)
     with pytest.raises(RecipeError, match=r"stages\[0\].data: nope.jsonl: no such file"):
-        validate(str(write(tmp_path, {**BASE, "stages": [{**stage, "data": "nope.jsonl", "tokens": 4096}]})))
+        pipeline.validate(str(write(tmp_path, {**BASE, "stages": [{**stage, "data": "nope.jsonl", "tokens": 4096}]})))
 
 
 @pytest.mark.parametrize("stages, message", [

@@ -76,16 +76,38 @@ def test_sigkill_during_distill_then_rerun_matches_an_uninterrupted_run(tmp_path
     assert json.loads((out / "report.json").read_text())["stages"][1]["final_loss"] != report["stages"][1]["final_loss"]
 
 
-def test_resuming_with_another_number_of_processes_is_a_clear_error(tmp_path):
+def test_checkpoints_hold_the_trained_tensors_and_refuse_another_number_of_processes(tmp_path):
     import torch
+    from accelerate import Accelerator
 
-    from distill.training import ResumeError, load_checkpoint, save_checkpoint
-    p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([p])
+    from distill.training import ResumeError, fresh_accelerator_state, load_checkpoint, save_checkpoint, \
+        save_only_trainable
+    fresh_accelerator_state()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[0].requires_grad_(False)                       # frozen, like the teacher's weights
+    opt = torch.optim.AdamW(model[1].parameters(), lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save_checkpoint(tmp_path, 4, 100, [p], opt, sched, "fp", num_processes=2, keep=2)
+    accelerator.register_for_checkpointing(sched)
+    accelerator.register_save_state_pre_hook(save_only_trainable(list(model[1].parameters())))
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(accelerator, tmp_path, 4, 100, "fp", keep=2)
+    path = tmp_path / "step-000004"
+    from safetensors.torch import load_file
+    assert set(load_file(path / "model.safetensors")) == {"1.weight", "1.bias"}   # not the frozen layer
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert load_checkpoint(accelerator, path) == (4, 100)
+    assert torch.equal(model[1].weight, saved["1.weight"]) and not torch.equal(model[0].weight, saved["0.weight"])
+    assert opt.state_dict()["state"], "the optimizer state came back"
+    state = json.loads((path / "rnnify_state.json").read_text())
+    (path / "rnnify_state.json").write_text(json.dumps({**state, "num_processes": 2}))
     try:
-        load_checkpoint(tmp_path / "step-000004", [p], opt, sched, num_processes=1)
+        load_checkpoint(accelerator, path)
     except ResumeError as e:
         assert "written by 2 process(es), resumed with 1" in str(e)
     else:
