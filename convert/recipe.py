@@ -306,6 +306,11 @@ class _TrainingStage(_Strict):
     checkpoint_every: Annotated[int, Field(ge=0, description="optimizer steps between checkpoints; 0: none")] = 25
     keep_checkpoints: Annotated[int, Field(gt=0)] = 2
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value   # YAML reads a bare `no` as false
+
     @model_validator(mode="after")
     def _budget_fills_a_step(self):
         rows = -(-self.tokens // self.seq_len)

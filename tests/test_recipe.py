@@ -315,6 +315,12 @@ def test_stage_fields(tmp_path, stage, field, message):
     assert f": {field}: " in msg and message in msg, msg
 
 
+def test_a_bare_yaml_no_is_mixed_precision_no(tmp_path):
+    text = yaml.safe_dump({**BASE, "stages": [{"name": "attention_transfer"}]}).replace(
+        "name: attention_transfer", "name: attention_transfer\n  mixed_precision: no")
+    assert load_recipe(write(tmp_path, text))[0].stages[0].mixed_precision == "no"
+
+
 def test_stage_budget_larger_than_the_data_stops_the_run_before_weights_load(tmp_path, monkeypatch):
     from convert import pipeline
     stage = {"name": "attention_transfer", "data": "builtin:python-docs", "tokens": 10 ** 9}
