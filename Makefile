@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 RECIPE ?= recipes/quickstart.yaml
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart test gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
+
+# on a CUDA machine (make TORCH=torch gpu-check): compiled kernels, a bf16 two-stage run, the kernel benchmark
+gpu-check: $(VENV)/.installed
+	$(PY) eval/gpu_check.py
 
 clean:
 	rm -rf $(VENV) outputs

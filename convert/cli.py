@@ -1,4 +1,5 @@
-"""``python -m convert {run,validate} RECIPE [dotted.key=value ...]`` and ``python -m convert prepare NAME ...``"""
+"""``python -m convert {run,validate,eval} RECIPE [dotted.key=value ...]``, ``prepare NAME ...``, ``export
+OUTPUT_DIR [--push-to-hub ORG/NAME]`` and ``compare A B``.  A recipe error exits with status 2 and one line."""
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Convert a Transformer LM into a recurrent student.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "convert, evaluate and write <output_dir>/report.json"),
-                            ("validate", "check the recipe and the teacher's config.json; load no weights"),
+                            ("validate", "check the recipe, the teacher's config.json and each text source's first record; "
+                                         "load no weights"),
                             ("eval", "evaluate the teacher and the saved student of a finished run again (eval: "
                                      "section as it is now); rewrite report.json and REPORT.md")):
         p = sub.add_parser(name, help=help_text)

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 import kernels.torch_ops
+from store import write_folder_atomically
+
 from .student.arch_registry import get_architecture
 from .student.configuration_rnnify import WINDOWED_ATTENTION, RnnifyConfig, attention_layer_types
 from .student.mixer_registry import Mixer, get_mixer
@@ -190,20 +192,18 @@ def restore_attention(student: RnnifyForCausalLM, layers: list[int]) -> RnnifyFo
 def save_student(student: RnnifyForCausalLM, out_dir: str | Path, tokenizer=None, generation_config=None) -> Path:
     """Write a self-contained folder: safetensors, config.json with auto_map, the runtime modeling files
     (which need only torch + transformers), tokenizer and generation config."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     student.config.auto_map = dict(AUTO_MAP)
     student.config.architectures = ["RnnifyForCausalLM"]
     if generation_config is not None:
         student.generation_config = generation_config
-    student.save_pretrained(tmp)
-    for src in STUDENT_RUNTIME.glob("*.py"):
-        if src.name != "__init__.py":
-            shutil.copy2(src, tmp / src.name)
-    shutil.copy2(kernels.torch_ops.__file__, tmp / "rnnify_ops.py")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        student.save_pretrained(tmp)
+        for src in STUDENT_RUNTIME.glob("*.py"):
+            if src.name != "__init__.py":
+                shutil.copy2(src, tmp / src.name)
+        shutil.copy2(kernels.torch_ops.__file__, tmp / "rnnify_ops.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_folder_atomically(Path(out_dir), write)

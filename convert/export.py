@@ -51,6 +51,22 @@ def eval_results(report: dict, model_name: str) -> list:
     return results
 
 
+def teacher_section(report: dict) -> str:
+    """What the teacher really was: its description and source (a builtin teacher's marker, e.g. a dequantized
+    GGUF from a PyPI package), where it loaded from, and its own perplexity on the held-out text."""
+    card = report.get("teacher_card") or {}
+    lines = [f"- Teacher: `{report['teacher']}`" + (f" — {card['description']}" if card.get("description") else "")]
+    if card.get("source"):
+        lines.append(f"- Weights taken from: {card['source']}")
+    if card.get("base_model"):
+        lines.append(f"- Model family on the Hub: `{card['base_model']}`"
+                     + (" (the teacher above is a converted copy of it, not the Hub's own weights)"
+                        if card.get("source") else ""))
+    lines.append(f"- The teacher's own held-out perplexity here: {report['perplexity']['teacher']:.2f} "
+                 f"({report.get('perplexity_tokens', 0):,} tokens): the student is measured against this teacher.")
+    return "\n".join(lines)
+
+
 def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
     """A ``huggingface_hub.ModelCard``: metadata from the report, body = how to load + the comparison tables."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -73,17 +89,19 @@ def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
     n = len(report["mixer_layers"]) + len(report["attention_layers"])
     path = repo_id or str(student_dir)
     body = [f"# {name}", "",
-            f"A recurrent student of `{base_model or report['teacher']}` made with "
-            f"[rnnify](https://github.com/rnnify/rnnify): {len(report['mixer_layers'])} of {n} attention layers "
+            f"A recurrent student of `{base_model or report['teacher']}` made with rnnify: "
+            f"{len(report['mixer_layers'])} of {n} attention layers "
             f"replaced by `{mixer}` mixers initialised from the attention weights, then distilled from the teacher. "
             f"Softmax attention kept in layers {report['attention_layers'] or 'none'}{kept_window(report)}.",
             "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            f"tok = AutoTokenizer.from_pretrained({path!r})",
+            # AutoTokenizer reads config.json first; its custom model type makes transformers ask about the code
+            f"tok = AutoTokenizer.from_pretrained({path!r}, trust_remote_code=True)",
             f"model = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)",
             'ids = tok("The recurrent state", return_tensors="pt")',
             "print(tok.decode(model.generate(**ids, max_new_tokens=32)[0]))", "```", "",
             "Generation runs through transformers' own cache: recurrent layers keep a fixed-size state, so memory "
             "per converted layer does not grow with the context.", "",
+            "## Teacher", "", teacher_section(report), "",
             "## Teacher vs student", "", perplexity_table(report)]
     tables = tasks_table(report)
     if tables:

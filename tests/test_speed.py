@@ -51,9 +51,30 @@ def test_table_says_where_the_student_is_slower_and_where_it_wins():
     rows += [{"model": "student", "context": L, "decode_tokens_per_s": 5.0, "prefill_s": 2.0, "cache_mb": 700.0}
              for L in (512, 1024)]
     table = markdown({"rows": rows, "crossover": crossovers(rows, "teacher")})
-    assert "| 512 | 1.00 | 10.0 | 512.0 | 2.00 | 5.0 | 700.0 | 0.50× | 1.37× |" in table
+    assert "| 512 | 1.00 | 10.0 | 512.0 | 2.00 | 5.0 | 700.0 | 2.00× | 0.50× (0.50–0.50) | 1.37× |" in table
     assert ("student beats teacher on decode speed at none of the measured lengths; prefill time at none of the "
             "measured lengths; cache memory from 1,024 tokens on") in table
+
+
+def test_a_decode_speedup_counts_only_when_it_holds_over_the_whole_range_of_repeats():
+    def row(model, L, median, lo, hi):
+        return {"model": model, "context": L, "decode_tokens_per_s": median, "decode_range": [lo, hi], "repeats": 5,
+                "prefill_s": 1.0, "cache_mb": 1.0}
+    rows = [row("teacher", 512, 10.0, 9.0, 11.0), row("teacher", 1024, 10.0, 9.5, 10.5),
+            row("student", 512, 11.0, 8.0, 12.0),     # median faster, but its range overlaps the teacher's
+            row("student", 1024, 12.0, 11.0, 13.0)]   # faster on every repeat
+    cross = crossovers(rows, "teacher")
+    assert cross["student"]["decode_tokens_per_s"] == 1024
+    table = markdown({"rows": rows, "crossover": cross})
+    assert "| 1.10× (0.73–1.33) |" in table and "**1.20× (1.05–1.37)**" in table   # bold only the one that holds
+    assert "| 11.0 (8.0–12.0) |" in table
+
+
+def test_measure_times_every_repeat_and_keeps_the_first_repeats_cache():
+    teacher = make_teacher("llama")
+    one, three = (measure(teacher, 32, new_tokens=2, repeats=r) for r in (1, 3))
+    assert three["repeats"] == 3 and three["decode_range"][0] <= three["decode_tokens_per_s"] <= three["decode_range"][1]
+    assert one["cache_mb"] == three["cache_mb"]
 
 
 def test_cache_bytes_counts_shared_storage_once():
@@ -64,3 +85,17 @@ def test_cache_bytes_counts_shared_storage_once():
     assert cache_bytes(cache) == 2 * k.numel() * 4
     cache.layers[0].values = cache.layers[0].keys    # one storage referenced twice
     assert cache_bytes(cache) == k.numel() * 4
+
+
+def test_gpu_check_runs_its_steps_and_prints_one_summary(tmp_path, capsys):
+    """The GPU script's own plumbing, rehearsed on CPU with its cheapest step (the two-stage bf16 run)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "eval" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    code = gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--skip", "kernels", "bench"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| two-stage run, bf16 | ok |" in out and "perplexity teacher" in out
+    assert (tmp_path / "summary.md").read_text() in out

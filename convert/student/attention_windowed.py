@@ -9,11 +9,11 @@ implementation (sdpa, eager, flash) with ``sliding_window`` set, which flash ker
 
 Attention sink (``config.attention_sink``).  Pretrained LMs park most of their attention mass on the first
 token of a sequence (StreamingLLM's "attention sink"); a plain window drops that token once a query is W
-tokens past it and the softmax falls apart (on SmolLM2, a 512-token window in half the layers costs
-1.25x perplexity; keeping the first token costs 1.01x).  Instead of caching the real first token, each
-windowed layer holds one constant key/value per KV head (``rnnify_sink_key``/``rnnify_sink_value``,
-calibrated to the teacher's mean first-token key/value and trainable) that every query at position >= W
-sees in place of position 0: same 1.01x, no cache entry, no dependence on padding.
+tokens past it and the softmax degrades (README.md, "Attention sinks", has the measured cost).  Instead of
+caching the real first token, each windowed layer holds one constant key/value per KV head
+(``rnnify_sink_key``/``rnnify_sink_value``, calibrated to the teacher's mean first-token key/value and
+trainable) that every query at position >= W sees in place of position 0: no cache entry, no dependence on
+padding.
 """
 from __future__ import annotations
 

