@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             pipeline.evaluate_saved(args.recipe, args.overrides)
         elif args.command == "export":
+            from eval.report import card_sections
+
             from .export import export
-            folder = export(args.output_dir, args.push_to_hub, args.private)
+            folder = export(args.output_dir, card_sections, args.push_to_hub, args.private)
             print(f"exported: {folder}" + (f" -> pushed to {args.push_to_hub}" if args.push_to_hub else ""))
         elif args.command == "compare":
             print(compare(*args.reports))

@@ -1,8 +1,9 @@
 """Export: the student folder of a finished run, made publishable: a model card (Hub metadata + the comparison
 tables) beside the weights and modeling files, and an upload with ``huggingface_hub``.
 
-The card is built with ``huggingface_hub``'s ``ModelCardData``/``EvalResult`` (metadata) and the run's
-REPORT.md tables (body); ``base_model_relation: finetune``, licence inherited from the teacher.
+The card is built with ``huggingface_hub``'s ``ModelCardData``/``EvalResult`` (metadata) and the run's report
+tables (body), rendered by the judge and handed in by the entry point (``sections``: ``eval.report.card_sections``),
+so that conversion imports no judge; ``base_model_relation: finetune``, licence inherited from the teacher.
 """
 from __future__ import annotations
 
@@ -31,15 +32,14 @@ def read_report(output_dir: Path) -> dict:
     return report
 
 
-def eval_results(report: dict, model_name: str) -> list:
-    """The student's lm-eval headline metrics as ``huggingface_hub.EvalResult`` entries."""
+def eval_results(report: dict, headline_metrics: dict) -> list:
+    """The student's lm-eval headline metrics (``headline_metrics``: task -> metric name) as
+    ``huggingface_hub.EvalResult`` entries."""
     from huggingface_hub import EvalResult
-
-    from eval.report import headline_metric
 
     results = []
     for task, result in (report.get("tasks") or {}).get("student", {}).items():
-        metric = headline_metric(result["metrics"])
+        metric = headline_metrics.get(task)
         standard = task.removesuffix("_offline")
         dataset, name = TASK_DATASETS.get(standard, (standard, standard))
         if metric is None:
@@ -67,12 +67,10 @@ def teacher_section(report: dict) -> str:
     return "\n".join(lines)
 
 
-def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
-    """A ``huggingface_hub.ModelCard``: metadata from the report, body = how to load + the comparison tables."""
+def model_card(report: dict, student_dir: Path, sections: dict, repo_id: str | None = None):
+    """A ``huggingface_hub.ModelCard``: metadata from the report, body = how to load + the comparison tables
+    (``sections``: the report rendered by ``eval.report.card_sections``)."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from eval.report import RECALL_CAPTION, kept_window, perplexity_table, recall_table, stages_table, tasks_table
-    from eval.speed import markdown as speed_markdown
 
     teacher = report.get("teacher_card") or {}
     base_model = teacher.get("base_model") or (report["teacher"] if not report["teacher"].startswith("builtin:")
@@ -85,14 +83,14 @@ def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
         tags=["rnnify", "linear-attention" if mixer in ("hedgehog", "gla", "gated_deltanet") else "state-space-model",
               mixer, "distillation", "custom_code"],
         datasets=sorted({s["data"] for s in report.get("stage_data", []) if "/" in s.get("data", "")}) or None,
-        eval_results=eval_results(report, name) or None)
+        eval_results=eval_results(report, sections["headline_metrics"]) or None)
     n = len(report["mixer_layers"]) + len(report["attention_layers"])
     path = repo_id or str(student_dir)
     body = [f"# {name}", "",
             f"A recurrent student of `{base_model or report['teacher']}` made with rnnify: "
             f"{len(report['mixer_layers'])} of {n} attention layers "
             f"replaced by `{mixer}` mixers initialised from the attention weights, then distilled from the teacher. "
-            f"Softmax attention kept in layers {report['attention_layers'] or 'none'}{kept_window(report)}.",
+            f"Softmax attention kept in layers {report['attention_layers'] or 'none'}{sections['kept_window']}.",
             "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
             # AutoTokenizer reads config.json first; its custom model type makes transformers ask about the code
             f"tok = AutoTokenizer.from_pretrained({path!r}, trust_remote_code=True)",
@@ -102,26 +100,26 @@ def model_card(report: dict, student_dir: Path, repo_id: str | None = None):
             "Generation runs through transformers' own cache: recurrent layers keep a fixed-size state, so memory "
             "per converted layer does not grow with the context.", "",
             "## Teacher", "", teacher_section(report), "",
-            "## Teacher vs student", "", perplexity_table(report)]
-    tables = tasks_table(report)
-    if tables:
-        body += ["", tables]
-    if report.get("recall"):
-        body += ["", "## Passkey retrieval", "", RECALL_CAPTION, "", recall_table(report)]
-    if report.get("speed"):
-        body += ["", "## Speed and memory", "", speed_markdown(report["speed"])]
+            "## Teacher vs student", "", sections["perplexity"]]
+    if sections["tasks"]:
+        body += ["", sections["tasks"]]
+    if sections["recall"]:
+        body += ["", "## Passkey retrieval", "", sections["recall"]]
+    if sections["speed"]:
+        body += ["", "## Speed and memory", "", sections["speed"]]
         if (student_dir / "speed.png").is_file():
             body += ["![speed and memory](speed.png)"]
-    if report.get("stages"):
-        body += ["", "## Training", "", stages_table(report)]
+    if sections["stages"]:
+        body += ["", "## Training", "", sections["stages"]]
     if report.get("teacher_untrained"):
         body += ["", "**The teacher was untrained (random weights): the figures above only show the pipeline ran.**"]
     body += ["", f"Licence: inherited from the teacher ({data.license})."]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
-def export(output_dir: str | Path, push_to_hub: str | None = None, private: bool = False) -> Path:
+def export(output_dir: str | Path, render_sections, push_to_hub: str | None = None, private: bool = False) -> Path:
     """Write ``<output_dir>/student/README.md`` (+ speed.png) and, with ``push_to_hub``, upload the folder.
+    ``render_sections``: report -> the card's rendered sections (``eval.report.card_sections``).
 
     The token comes from ``HF_TOKEN`` or ``huggingface-cli login`` (never printed); ``HF_ENDPOINT`` selects
     the server.  Returns the student folder.
@@ -131,7 +129,7 @@ def export(output_dir: str | Path, push_to_hub: str | None = None, private: bool
     student = output_dir / "student"
     if (output_dir / "speed.png").is_file():
         shutil.copy2(output_dir / "speed.png", student / "speed.png")
-    model_card(report, student, push_to_hub).save(student / "README.md")
+    model_card(report, student, render_sections(report), push_to_hub).save(student / "README.md")
     if push_to_hub:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError

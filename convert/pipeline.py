@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from distill.attention_transfer import train_attention_transfer
+from distill.calibration import calibrate_attention_sinks, calibrate_output_norms
 from distill.distillation import check_lora_targets, train_distill
 from distill.training import NonFiniteError, ResumeError, TrainOptions
 from distill.layer_selection import kl_gains, rank_by_error, rank_by_kl
@@ -20,7 +21,7 @@ from distill.data import BudgetError, DataError, check_documents, document_windo
 from eval.perplexity import perplexity as score_windows
 from store import write_json_atomically
 
-from .convert import calibrate_attention_sinks, calibrate_output_norms, convert, restore_attention, save_student
+from .convert import convert, restore_attention, save_student
 from .recipe import AutoKeep, Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, recipe_hash, resolve_path
 from .teachers import TeacherError, prepare_teacher, teacher_info
 
@@ -250,7 +251,7 @@ def train_options(stage, recipe: Recipe, device: str, fingerprint: str) -> Train
 def run_attention_transfer(student, stage, rows, held, out_dir: Path, opts: TrainOptions):
     summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=opts, eval_rows=held,
                                        trainable=stage.trainable, projection_lr=stage.projection_lr,
-                                       block_weight=stage.block_weight)
+                                       block_weight=stage.block_weight, train_window=stage.train_window)
     return student, summary
 
 

@@ -334,6 +334,9 @@ class AttentionTransferStage(_TrainingStage):
         None, description="learning rate of the projections with trainable: attention (default: lr)")
     block_weight: Annotated[float, Field(ge=0)] = Field(
         0.0, description="weight of the block-output alignment loss (MOHAWK's hidden-state alignment); 0: off")
+    train_window: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="windowed mixers train with this shorter softmax window (older keys go to the recurrent "
+                          "state), so that the feature maps learn to carry context; null: the mixer's own window")
 
     @model_validator(mode="after")
     def _projection_lr_needs_projections(self):
@@ -415,6 +418,16 @@ class Recipe(_Strict):
         if isinstance(self.convert.keep_attention, AutoKeep):
             raise ValueError("budget_curve: convert.keep_attention {auto: K} already picks one budget; convert the "
                              "layers to compare (e.g. convert.layers: all) and list the budgets in budget_curve.keep")
+        return self
+
+    @model_validator(mode="after")
+    def _train_window_below_the_mixer_window(self):
+        window = getattr(self.convert.mixer, "window", None)
+        for i, stage in enumerate(self.stages):
+            train_window = getattr(stage, "train_window", None)
+            if train_window is not None and not (window and train_window < window):
+                raise ValueError(f"stages[{i}].train_window: {train_window} must be shorter than convert.mixer.window "
+                                 f"({window or 'none: this mixer has no softmax window'})")
         return self
 
     @model_validator(mode="after")

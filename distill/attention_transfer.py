@@ -17,11 +17,14 @@ teacher's block output,
 
     loss_block_i = mean((block_i(h_i) − z_i)²) / mean((z_i − h_i)²)     (relative to the block's own update)
 
-MLPs, norms and embeddings stay frozen.  Runs on ``accelerate`` (one process, or ``accelerate launch``).
+``train_window`` trains windowed mixers with a window shorter than the one they run with (keys in between enter
+the recurrent state), so that the recurrence learns to carry context rather than lean on the window.  MLPs, norms
+and embeddings stay frozen.  Runs on ``accelerate`` (one process, or ``accelerate launch``).
 """
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -129,11 +132,13 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
 
 def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions, eval_rows=None,
                              trainable: str = "mixers", projection_lr: float | None = None,
-                             block_weight: float = 0.0) -> dict:
+                             block_weight: float = 0.0, train_window: int | None = None) -> dict:
     """Train every mixer on its layer's attention output over ``rows`` (packed rows, one pass).
 
     ``trainable``: ``mixers`` (their added parameters) or ``attention`` (also the projections inside them, at
-    ``projection_lr``, default ``opts.lr``); ``block_weight``: weight of the block-output alignment loss.
+    ``projection_lr``, default ``opts.lr``); ``block_weight``: weight of the block-output alignment loss;
+    ``train_window``: windowed mixers train with this shorter softmax window (``student.mixer_window``), so that
+    keys beyond it reach the output only through the feature maps and the recurrent state.
     Writes ``log.jsonl``, ``loss.png`` and ``layer_errors.json`` (per layer: MSE and relative MSE on
     ``eval_rows`` before and after) into ``out_dir``; returns the stage summary.
     """
@@ -147,7 +152,8 @@ def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions
         p.requires_grad_(id(p) in keep)
     errors_before = layer_errors(student, eval_rows, opts.batch_size) if eval_rows is not None else None
     module = AttentionTransferLoss(student, block_weight)
-    summary = train(module, groups, rows, opts, out_dir, "attention_transfer")
+    with student.mixer_window(train_window) if train_window else nullcontext():
+        summary = train(module, groups, rows, opts, out_dir, "attention_transfer")
     for p in student.parameters():
         p.requires_grad_(False)
     student.eval()

@@ -226,6 +226,19 @@ def kept_window(report: dict) -> str:
     return f", over their last {window:,} tokens{sink}"
 
 
+def card_sections(report: dict) -> dict:
+    """What a model card shows of a report, rendered: markdown per section ("" when the report has none), the
+    kept layers' window phrase, and the headline metric of each lm-eval task of the final student."""
+    from .speed import markdown as speed_markdown
+    return {"kept_window": kept_window(report), "perplexity": perplexity_table(report),
+            "tasks": tasks_table(report) or "",
+            "recall": f"{RECALL_CAPTION}\n\n{recall_table(report)}" if report.get("recall") else "",
+            "speed": speed_markdown(report["speed"]) if report.get("speed") else "",
+            "stages": stages_table(report) if report.get("stages") else "",
+            "headline_metrics": {task: headline_metric(result["metrics"])
+                                 for task, result in (report.get("tasks") or {}).get("student", {}).items()}}
+
+
 def write(report: dict, out_dir: Path) -> Path:
     if report.get("budget_curve"):
         plot_budget_curve(report, out_dir / "budget_curve.png")

@@ -202,3 +202,23 @@ def test_master_weights_are_fp32_under_mixed_precision_and_stages_may_change_pre
     assert set(probe.seen) == {(torch.float32, False)} and summary["steps"] == summary["planned_steps"]
     log = [json.loads(x) for x in (tmp_path / "fp32" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-12)   # the cosine schedule runs to its end
+
+
+def test_a_shorter_training_window_is_the_student_converted_with_that_window_and_is_given_back():
+    teacher = make_teacher("llama")
+    wide = convert(teacher, {"type": "hedgehog", "window": 6}, [0, 2])
+    narrow = convert(teacher, {"type": "hedgehog", "window": 3}, [0, 2])
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with wide.mixer_window(3):
+            assert torch.allclose(wide(ids).logits, narrow(ids).logits, atol=1e-5)
+        assert not torch.allclose(wide(ids).logits, narrow(ids).logits, atol=1e-3)
+    assert all(wide.model.layers[i].self_attn.window == 6 for i in (0, 2))
+
+
+def test_attention_transfer_with_a_training_window_trains_the_mixers_and_keeps_their_window(tmp_path):
+    student = convert(make_teacher("llama"), {"type": "hedgehog", "window": 6}, [0, 2])
+    summary = train_attention_transfer(student, rows(), out_dir=tmp_path, opts=TrainOptions(lr=3e-2, batch_size=4),
+                                       eval_rows=rows(12, seed=1), train_window=2)
+    assert all(err["after"]["mse"] < err["before"]["mse"] for err in summary["layer_errors"].values())
+    assert all(student.model.layers[i].self_attn.window == 6 for i in (0, 2))

@@ -315,6 +315,18 @@ def test_stage_fields(tmp_path, stage, field, message):
     assert f": {field}: " in msg and message in msg, msg
 
 
+@pytest.mark.parametrize("mixer, window, message", [
+    ({"type": "hedgehog", "window": 64}, 64, "stages[0].train_window: 64 must be shorter than convert.mixer.window (64)"),
+    ({"type": "gla"}, 16, "stages[0].train_window: 16 must be shorter than convert.mixer.window (none: this mixer"),
+])
+def test_train_window_must_be_shorter_than_the_mixer_window(tmp_path, mixer, window, message):
+    data = {**BASE, "convert": {"mixer": mixer}, "stages": [{"name": "attention_transfer", "train_window": window}]}
+    assert message in error_of(tmp_path, data)
+    ok = {**BASE, "convert": {"mixer": {"type": "hedgehog", "window": 64}},
+          "stages": [{"name": "attention_transfer", "train_window": 16}]}
+    assert load_recipe(write(tmp_path, ok))[0].stages[0].train_window == 16
+
+
 def test_a_bare_yaml_no_is_mixed_precision_no(tmp_path):
     text = yaml.safe_dump({**BASE, "stages": [{"name": "attention_transfer"}]}).replace(
         "name: attention_transfer", "name: attention_transfer\n  mixed_precision: no")

@@ -383,7 +383,7 @@ def test_calibrated_sink_stands_in_exactly_for_the_first_token():
     import torch.nn.functional as F
     from transformers.modeling_utils import AttentionInterface
 
-    from convert.convert import calibrate_attention_sinks
+    from distill.calibration import calibrate_attention_sinks
     from distill.distillation import added_parameters
     W, T = 5, 17
 
@@ -407,7 +407,7 @@ def test_calibrated_sink_stands_in_exactly_for_the_first_token():
 
 
 def test_sink_calibration_takes_the_teachers_first_token_key_and_value():
-    from convert.convert import calibrate_attention_sinks
+    from distill.calibration import calibrate_attention_sinks
     teacher = make_teacher("llama")
     student = convert(teacher, {"type": "hedgehog", "window": 3, "sink": True}, [0, 2], attention_window=4,
                       attention_sink=True)
@@ -459,7 +459,7 @@ def test_short_conv_taps_reach_back_within_a_document_only():
 @pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_every_mixer_starts_closer_to_the_attention_than_a_zero_output(mixer):
     """Relative error MSE / mean(y²) < 1 on held-out rows of the teacher's own activations, after calibration."""
-    from convert.convert import calibrate_output_norms
+    from distill.calibration import calibrate_output_norms
     from distill.attention_transfer import layer_errors
     from tests.test_distill import rows
     student = convert(make_teacher("llama"), mixer, [0, 1, 2])

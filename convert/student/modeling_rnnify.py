@@ -154,6 +154,21 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             for m in mixers:
                 m.recurrent_off = False
 
+    @contextmanager
+    def mixer_window(self, window: int):
+        """Within this context every windowed mixer uses a softmax window of ``window`` tokens (keys older than that
+        enter its recurrent state instead): for training only, without a cache.  A window shorter than the one
+        the student runs with makes the feature maps carry context the window would otherwise cover."""
+        mixers = [m for m in self.modules() if isinstance(m, Mixer) and getattr(m, "has_window", False)]
+        saved = [m.window for m in mixers]
+        for m in mixers:
+            m.window = window
+        try:
+            yield self
+        finally:
+            for m, w in zip(mixers, saved):
+                m.window = w
+
     def window_shares(self) -> dict[int, float]:
         """Per converted layer with a softmax window: the mean learned window share (0.5 at conversion)."""
         shares = {i: getattr(self.model.layers[i].self_attn, "window_share", lambda: None)()
