@@ -16,6 +16,11 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
+from .student.mixer_gated_deltanet import GatedDeltaNet
+from .student.mixer_gla import GLA
+from .student.mixer_hedgehog import Hedgehog
+from .student.mixer_mamba2 import Mamba2
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,17 +33,20 @@ class _Strict(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# mixers: one model per mixer type; options that do not apply to a type are unknown keys there
+# mixers: one model per mixer type; options that do not apply to a type are unknown keys there.  Defaults are
+# the mixer classes' own (``Mixer.options``: the exported student runs without this file), read here, not repeated.
 # ---------------------------------------------------------------------------------------------
 class HedgehogOptions(_Strict):
     type: Literal["hedgehog"]
-    rope: bool = True
-    feature_dim: Annotated[int, Field(gt=0)] | None = Field(None, description="feature map width F (default head_dim)")
-    window: Annotated[int, Field(gt=0)] | None = Field(None, description="sliding-window softmax size (LoLCATs hybrid)")
-    sink: bool | None = Field(
+    rope: bool = Hedgehog.options["rope"]
+    feature_dim: Annotated[int, Field(gt=0)] | None = Field(Hedgehog.options["feature_dim"],
+                                                            description="feature map width F (default head_dim)")
+    window: Annotated[int, Field(gt=0)] | None = Field(Hedgehog.options["window"],
+                                                       description="sliding-window softmax size (LoLCATs hybrid)")
+    sink: bool | None = Field(   # None resolves below: a recipe default that depends on window
         None, description="with window: the softmax part also scores a learned stand-in for the first token (the "
                           "teacher's attention sink) once keys have left the window; default: on with a window")
-    eps: Annotated[float, Field(gt=0)] = 1e-6
+    eps: Annotated[float, Field(gt=0)] = Hedgehog.options["eps"]
 
     @model_validator(mode="after")
     def _sink_needs_window(self):
@@ -59,29 +67,32 @@ class _DtRange(_Strict):
 
 class Mamba2Options(_DtRange):
     type: Literal["mamba2"]
-    rope: bool = False
-    dt_min: Annotated[float, Field(gt=0)] = 0.001
-    dt_max: Annotated[float, Field(gt=0)] = 0.1
-    a_init_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1.0, 16.0)
-    conv: Annotated[int, Field(ge=0, le=16, description="short causal conv taps on x/B/C (0: none)")] = 4
-    gate: bool = Field(True, description="output gate silu(W_z h) before the output norm")
+    rope: bool = Mamba2.options["rope"]
+    dt_min: Annotated[float, Field(gt=0)] = Mamba2.options["dt_min"]
+    dt_max: Annotated[float, Field(gt=0)] = Mamba2.options["dt_max"]
+    a_init_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = \
+        tuple(Mamba2.options["a_init_range"])
+    conv: Annotated[int, Field(ge=0, le=16, description="short causal conv taps on x/B/C (0: none)")] = \
+        Mamba2.options["conv"]
+    gate: bool = Field(Mamba2.options["gate"], description="output gate silu(W_z h) before the output norm")
 
 
 class GLAOptions(_Strict):
     type: Literal["gla"]
-    rope: bool = True
-    gate_rank: Annotated[int, Field(gt=0)] = 16
-    gate_normalizer: Annotated[float, Field(gt=0)] = 16.0
-    initial_memory: Annotated[float, Field(gt=1)] = 256.0
+    rope: bool = GLA.options["rope"]
+    gate_rank: Annotated[int, Field(gt=0)] = GLA.options["gate_rank"]
+    gate_normalizer: Annotated[float, Field(gt=0)] = GLA.options["gate_normalizer"]
+    initial_memory: Annotated[float, Field(gt=1)] = GLA.options["initial_memory"]
 
 
 class GatedDeltaNetOptions(_DtRange):
     type: Literal["gated_deltanet"]
-    rope: bool = True
-    dt_min: Annotated[float, Field(gt=0)] = 0.001
-    dt_max: Annotated[float, Field(gt=0)] = 0.1
-    conv: Annotated[int, Field(ge=0, le=16, description="short causal conv taps on q/k/v (0: none)")] = 4
-    gate: bool = Field(True, description="output gate silu(W_z h) before the output norm")
+    rope: bool = GatedDeltaNet.options["rope"]
+    dt_min: Annotated[float, Field(gt=0)] = GatedDeltaNet.options["dt_min"]
+    dt_max: Annotated[float, Field(gt=0)] = GatedDeltaNet.options["dt_max"]
+    conv: Annotated[int, Field(ge=0, le=16, description="short causal conv taps on q/k/v (0: none)")] = \
+        GatedDeltaNet.options["conv"]
+    gate: bool = Field(GatedDeltaNet.options["gate"], description="output gate silu(W_z h) before the output norm")
 
 
 MixerOptions = Annotated[Union[HedgehogOptions, Mamba2Options, GLAOptions, GatedDeltaNetOptions],
