@@ -26,6 +26,7 @@ def student_config(teacher_config, mixer: dict, mixer_layers: list[int],
     get_architecture(teacher_config.model_type)            # fail early on an unsupported teacher
     mixer_cls = get_mixer(mixer["type"])
     layer_types = attention_layer_types(teacher_config)
+    attention_window = attention_window or kept_layers_window(teacher_config, mixer, mixer_layers)
     for i in range(len(layer_types)):
         if i in mixer_layers:
             layer_types[i] = mixer_cls.cache_layer_type(mixer)
@@ -33,6 +34,22 @@ def student_config(teacher_config, mixer: dict, mixer_layers: list[int],
             layer_types[i] = WINDOWED_ATTENTION
     return RnnifyConfig.from_teacher(teacher_config, mixer, mixer_layers, layer_types, mixer.get("window"),
                                      attention_window, attention_sink)
+
+
+def kept_layers_window(teacher_config, mixer: dict, mixer_layers: list[int]) -> int | None:
+    """The window kept layers need when a sliding-window teacher (Mistral) meets a mixer with another window.
+
+    transformers sizes every ``sliding_attention`` cache layer by the one ``config.sliding_window``, which the
+    windowed mixers then need for their own window; so the kept layers take the student's windowed-attention path
+    (``attention_window``, cache type ``chunked_attention``) with the teacher's window, which computes exactly the
+    teacher's sliding-window attention (tested).  None when nothing needs it; kept layers of mixed types (some
+    full, some sliding) cannot be expressed this way (``check_against_teacher`` says what to set)."""
+    teacher_window = getattr(teacher_config, "sliding_window", None)
+    window = mixer.get("window")
+    kept = [t for i, t in enumerate(attention_layer_types(teacher_config)) if i not in set(mixer_layers)]
+    if teacher_window and window and window != teacher_window and kept and set(kept) == {"sliding_attention"}:
+        return teacher_window
+    return None
 
 
 def _student_param_name(name: str, mixer_layers) -> str:

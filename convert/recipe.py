@@ -610,14 +610,20 @@ def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[i
         raise RecipeError(f"{source}: {field}: layer {bad[0]} is out of range (teacher has {n} layers: 0-{n - 1})")
     layers = recipe.convert.mixer_layers(n)
     mixer = recipe.convert.mixer
-    if getattr(mixer, "window", None):
+    if getattr(mixer, "window", None) and not recipe.convert.attention_window:
+        from .student.configuration_rnnify import attention_layer_types
         teacher_window = getattr(teacher_config, "sliding_window", None)
         # with {auto: K} any layer may end up kept
         kept_layers = set(range(n)) if isinstance(recipe.convert.keep_attention, AutoKeep) else set(range(n)) - set(layers)
-        if teacher_window and kept_layers and teacher_window != mixer.window:
-            raise RecipeError(f"{source}: convert.mixer.window: the teacher keeps sliding-window attention "
-                              f"({teacher_window}) in layers {sorted(kept_layers)[:4]}...; a different mixer window "
-                              "cannot share the cache config: use the same window or convert those layers")
+        kept_types = {t for i, t in enumerate(attention_layer_types(teacher_config)) if i in kept_layers}
+        # all-sliding kept layers keep the teacher's window through attention_window (convert.kept_layers_window)
+        if teacher_window and kept_layers and teacher_window != mixer.window and kept_types != {"sliding_attention"}:
+            raise RecipeError(f"{source}: convert.mixer.window: the teacher mixes full and sliding-window "
+                              f"({teacher_window}) attention in the kept layers {sorted(kept_layers)[:4]}...; a "
+                              "different mixer window "
+                              "cannot share the cache config: set convert.attention_window (every kept layer then "
+                              "attends to that many tokens), use the mixer window "
+                              f"{teacher_window}, or convert those layers")
     if recipe.budget_curve and max(recipe.budget_curve.keep) > len(layers):
         raise RecipeError(f"{source}: budget_curve.keep: {max(recipe.budget_curve.keep)} layers cannot get attention "
                           f"back: only {len(layers)} are converted")

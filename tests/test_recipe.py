@@ -326,6 +326,19 @@ def test_train_window_must_be_shorter_than_the_mixer_window(tmp_path, mixer, win
     assert load_recipe(write(tmp_path, ok))[0].stages[0].train_window == 16
 
 
+def test_a_windowed_hybrid_of_a_sliding_window_teacher_validates(tmp_path):
+    from transformers import AutoConfig
+    fields = dict(HUB_TEACHERS["mistralai/Mistral-7B-v0.3"], sliding_window=4096)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    data = {**BASE, "convert": {"mixer": {"type": "hedgehog", "window": 64}, "layers": {"every": 2}}}
+    recipe, _ = load_recipe(write(tmp_path, data))
+    assert check_against_teacher(recipe, config, "r.yaml")   # kept layers keep 4096 via attention_window
+    config.layer_types = ["full_attention", "full_attention", "sliding_attention", "sliding_attention"] * 8
+    with pytest.raises(RecipeError, match=r"convert.mixer.window: the teacher mixes full and sliding-window .* set "
+                                          r"convert.attention_window"):
+        check_against_teacher(recipe, config, "r.yaml")   # kept layers 1 (full) and 3 (sliding): not expressible
+
+
 def test_a_bare_yaml_no_is_mixed_precision_no(tmp_path):
     text = yaml.safe_dump({**BASE, "stages": [{"name": "attention_transfer"}]}).replace(
         "name: attention_transfer", "name: attention_transfer\n  mixed_precision: no")

@@ -155,6 +155,22 @@ def test_mistral_sliding_window_teacher_keeps_its_window_on_kept_layers(mixer):
         assert (full - prefill_then_decode_logits(student, ids, split=9)).abs().max().item() <= 1e-4
 
 
+def test_a_sliding_window_teacher_converts_to_a_hybrid_with_another_mixer_window():
+    """Mistral-style teacher (window 6) + Hedgehog with a 4-token window: the kept layers keep the teacher's window
+    through the student's windowed attention, exactly the teacher's sliding window; the mixers get their own."""
+    teacher = make_teacher("mistral", sliding_window=6)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    mixer = {"type": "hedgehog", "window": 4, "sink": False}
+    with torch.no_grad():
+        none_converted = convert(teacher, mixer, [])
+        torch.testing.assert_close(none_converted(ids).logits, teacher(ids).logits, atol=1e-5, rtol=1e-5)
+        student = randomize_mixers(convert(teacher, mixer, [1]))
+        assert student.config.layer_types == ["chunked_attention", "hybrid_sliding", "chunked_attention"]
+        assert student.config.attention_chunk_size == 6 and student.config.sliding_window == 4
+        full = student(ids, use_cache=False).logits
+        assert (full - prefill_then_decode_logits(student, ids, split=9)).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_multi_token_continuation_of_a_cache(mixer):
     """Chunked prefill: a second multi-token forward continues the cached state exactly."""
