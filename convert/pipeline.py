@@ -618,69 +618,10 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
 
 
 def print_summary(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    ppl = report["perplexity"]
-    table = Table(title=f"teacher vs student ({len(report['mixer_layers'])} of "
-                        f"{len(report['mixer_layers']) + len(report['attention_layers'])} layers -> "
-                        f"{report['mixer']['type']})")
-    table.add_column("model")
-    table.add_column("held-out perplexity", justify="right")
-    table.add_column("ratio to teacher", justify="right")
-    table.add_column("tokens", justify="right")
-    table.add_column("wall", justify="right")
-    table.add_row("teacher", f"{ppl['teacher']:.3f}", "1.00x", "", "")
-    table.add_row("student after init", f"{ppl['student_after_init']:.3f}",
-                  f"{ppl['student_after_init'] / ppl['teacher']:.2f}x", "", "")
-    for i, stage in enumerate(report["stages"]):
-        table.add_row(f"after stage {i} ({stage['name']})", f"{stage['perplexity']:.3f}",
-                      f"{stage['perplexity'] / ppl['teacher']:.2f}x", f"{stage['tokens']:,}", f"{stage['wall_s']:.0f} s")
-    console = Console(soft_wrap=True)
-    console.print(table)
-    tasks = report.get("tasks") or {}
-    if tasks.get("teacher") or tasks.get("student"):
-        from eval.report import headline_metric
-        names = list(dict.fromkeys(t for point in tasks.values() for t in point))
-        task_table = Table(title="lm-eval")
-        for col in ("task", "metric", *tasks.keys()):
-            task_table.add_column(col.replace("_", " "), justify="left" if col in ("task", "metric") else "right")
-        for name in names:
-            first = next(p[name] for p in tasks.values() if name in p)
-            metric = headline_metric(first["metrics"])
-            task_table.add_row(name, metric or "", *(f"{p[name]['metrics'][metric]:.4f}" if name in p and metric else ""
-                                                     for p in tasks.values()))
-        console.print(task_table)
-    if report.get("speed"):
-        rows = report["speed"]["rows"]
-        by = {(r["model"], r["context"]): r for r in rows}
-        speed_table = Table(title=f"decode speed and cache memory ({report['speed']['device']})")
-        for col in ("context", "teacher tok/s", "student tok/s", "teacher cache MB", "student cache MB"):
-            speed_table.add_column(col, justify="right")
-        for length in report["speed"]["lengths"]:
-            t, s = by[("teacher", length)], by[("student", length)]
-            speed_table.add_row(f"{length:,}", f"{t['decode_tokens_per_s']:.1f}", f"{s['decode_tokens_per_s']:.1f}",
-                                f"{t['cache_mb']:.1f}", f"{s['cache_mb']:.1f}")
-        console.print(speed_table)
-        cross = report["speed"]["crossover"]["student"]
-        console.print("student faster at decoding from "
-                      + (f"{cross['decode_tokens_per_s']:,} tokens" if cross["decode_tokens_per_s"] else "no measured length")
-                      + "; smaller cache from "
-                      + (f"{cross['cache_mb']:,} tokens" if cross["cache_mb"] else "no measured length"))
-    if report.get("recall"):
-        recall_table = Table(title="passkey retrieval (accuracy)")
-        for col in ("context", "teacher", "student"):
-            recall_table.add_column(col, justify="right")
-        for t, s in zip(report["recall"]["teacher"], report["recall"]["student"]):
-            recall_table.add_row(f"{t['context']:,}", f"{t['accuracy']:.2f}", f"{s['accuracy']:.2f}")
-        console.print(recall_table)
-    if report.get("component_ablation"):
-        from eval.report import ablation_section
-        console.print(ablation_section(report).rsplit("\n\n", 1)[-1])
-    if report["teacher_untrained"]:
-        console.print("[bold yellow]note:[/] the teacher is untrained (random weights); these figures only show "
-                      "that the pipeline runs.")
-    console.print(f"student: {report['student_path']}   report: {Path(report['student_path']).parent / 'REPORT.md'}")
+    """The console summary: the report's own markdown (what REPORT.md holds), then where the student and report are."""
+    from eval.report import render
+    print(render(report))
+    print(f"student: {report['student_path']}   report: {Path(report['student_path']).parent / 'REPORT.md'}")
 
 
 def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:

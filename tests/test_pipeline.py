@@ -93,7 +93,8 @@ def test_run_evaluates_tasks_and_speed_and_writes_the_report(run_dir):
         assert heading in text, heading
     assert "| piqa_offline | acc_norm | 0 | 8 |" in text and "student − teacher" in text
     assert (out / "speed.png").stat().st_size > 1000
-    assert "lm-eval" in res.stdout and f"smaller cache from {smaller_from} tokens" in res.stdout
+    assert "lm-eval" in res.stdout and f"cache memory from {smaller_from} tokens on" in res.stdout
+    assert text.strip() in res.stdout   # the console prints the report itself
 
 
 def test_compare_puts_two_reports_side_by_side(run_dir, tmp_path):
