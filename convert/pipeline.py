@@ -435,14 +435,18 @@ def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
 def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    recipe, resolved, location, teacher_config, layers = validate(recipe_path, overrides)
-    check_tasks(recipe, recipe_path, prepare=True)
+    # under `accelerate launch`/torchrun every process runs this (CPU: gloo); one of them writes the outputs, and
+    # the main one prepares what the others then read (builtin teacher, corpora, task data), so that no two
+    # processes download and unpack the same thing
+    device = resolve_device(load_recipe(recipe_path, overrides)[0].device)
+    state = process_state(device)
+    with state.main_process_first():
+        recipe, resolved, location, teacher_config, layers = validate(recipe_path, overrides)
+        check_tasks(recipe, recipe_path, prepare=True)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     digest = recipe_hash(resolved)
-    device = resolve_device(recipe.device)
-    # under `accelerate launch`/torchrun every process runs this (CPU: gloo); one of them writes the outputs
-    main = process_state(device).is_main_process
+    main = state.is_main_process
     if main:
         (out / "recipe.resolved.yaml").write_text(f"# recipe hash: {digest}\n" + yaml.safe_dump(resolved, sort_keys=False))
     info = teacher_info(Path(location)) if Path(location).is_dir() else {}

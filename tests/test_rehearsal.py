@@ -68,10 +68,10 @@ def logs(out: Path) -> dict:
 def rehearsal(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rehearsal")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RNNIFY_CACHE": str(tmp / "cache")}
-    # the builtin teacher and corpora live in the shared cache: link them, keep the rows cache fresh
+    # the builtin teacher, corpora and task data live in the shared cache: link them, keep the rows cache fresh
     shared = Path(os.environ.get("RNNIFY_CACHE", Path.home() / ".cache" / "rnnify"))
     (tmp / "cache").mkdir()
-    for name in ("teachers", "corpora"):
+    for name in ("teachers", "corpora", "packages"):
         (shared / name).mkdir(parents=True, exist_ok=True)
         (tmp / "cache" / name).symlink_to(shared / name)
     corpus = write_corpus(tmp)
