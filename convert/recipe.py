@@ -611,13 +611,14 @@ def check_against_teacher(recipe: Recipe, teacher_config, source: str) -> list[i
     layers = recipe.convert.mixer_layers(n)
     mixer = recipe.convert.mixer
     if getattr(mixer, "window", None) and not recipe.convert.attention_window:
-        from .student.configuration_rnnify import attention_layer_types
+        from .convert import kept_layers_window
         teacher_window = getattr(teacher_config, "sliding_window", None)
         # with {auto: K} any layer may end up kept
-        kept_layers = set(range(n)) if isinstance(recipe.convert.keep_attention, AutoKeep) else set(range(n)) - set(layers)
-        kept_types = {t for i, t in enumerate(attention_layer_types(teacher_config)) if i in kept_layers}
-        # all-sliding kept layers keep the teacher's window through attention_window (convert.kept_layers_window)
-        if teacher_window and kept_layers and teacher_window != mixer.window and kept_types != {"sliding_attention"}:
+        converted = [] if isinstance(recipe.convert.keep_attention, AutoKeep) else layers
+        kept_layers = set(range(n)) - set(converted)
+        # all-sliding kept layers keep the teacher's window through attention_window; other mixes cannot
+        if teacher_window and kept_layers and teacher_window != mixer.window and \
+                kept_layers_window(teacher_config, {"window": mixer.window}, converted) is None:
             raise RecipeError(f"{source}: convert.mixer.window: the teacher mixes full and sliding-window "
                               f"({teacher_window}) attention in the kept layers {sorted(kept_layers)[:4]}...; a "
                               "different mixer window "

@@ -64,7 +64,7 @@ def _local_files(source: str) -> list[str] | None:
     return None
 
 
-def _load_local(source: str, files: list[str]):
+def _load_local(source: str, files: list[str], streaming: bool = False):
     import datasets
 
     if not files:
@@ -76,7 +76,7 @@ def _load_local(source: str, files: list[str]):
     builder = kinds.pop()
     extra = {"sample_by": "document"} if builder == "text" else {}
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train", **extra)
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
     except Exception as e:   # datasets raises many types for unreadable files; name the file, keep the cause
         raise DataError(f"{source}: cannot read as {builder}: {_first_line(e)}") from None
 
@@ -100,30 +100,44 @@ def load_documents(source: str, *, split: str | None = None, text_column: str = 
     (default ``train``); local files have a single split and ignore it.  ``stream_hub``: a Hub dataset
     comes back as a streamed ``datasets.IterableDataset`` (nothing downloaded beyond what is read).
     """
-    if source.startswith("builtin:"):
-        import datasets
-        try:
-            path = corpus_file(source.split(":", 1)[1], split or "train")
-        except CorpusError as e:
-            raise DataError(f"{source}: {e}") from None
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    else:
-        files = _local_files(source)
-        ds = _load_local(source, files) if files is not None else \
-            _load_hub(source, subset, split or "train", streaming=stream_hub)
+    ds = _open(source, split, subset, stream_local=False, stream_hub=stream_hub)
     if isinstance(ds, _iterable_dataset_type()):
         return _streamed_text(ds, source, text_column)
-    if text_column not in ds.column_names:
-        raise DataError(f"{source}: no column {text_column!r} (columns: {', '.join(ds.column_names)}); "
-                        "set text_column to the one holding the text")
-    ds = ds.select_columns([text_column])
-    if text_column != "text":
-        ds = ds.rename_column(text_column, "text")
+    ds = _as_text_column(ds, source, text_column, ds.column_names)
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True,
                    desc="dropping empty documents")
     if len(ds) == 0:
         raise DataError(f"{source}: no documents with text" + (f" in split {split!r}" if split else ""))
     return ds
+
+
+def _open(source: str, split: str | None, subset: str | None, *, stream_local: bool, stream_hub: bool):
+    """The dataset ``source`` names, as ``datasets`` loads it (a builtin corpus or local files streamed with
+    ``stream_local``, a Hub dataset with ``stream_hub``)."""
+    import datasets
+    if source.startswith("builtin:"):
+        try:
+            path = corpus_file(source.split(":", 1)[1], split or "train")
+        except CorpusError as e:
+            raise DataError(f"{source}: {e}") from None
+        return datasets.load_dataset("json", data_files=str(path), split="train", streaming=stream_local)
+    files = _local_files(source)
+    if files is None:
+        return _load_hub(source, subset, split or "train", streaming=stream_hub)
+    return _load_local(source, files, streaming=stream_local)
+
+
+def _require_column(columns, source: str, text_column: str) -> None:
+    if text_column not in columns:
+        raise DataError(f"{source}: no column {text_column!r} (columns: {', '.join(columns)}); "
+                        "set text_column to the one holding the text")
+
+
+def _as_text_column(ds, source: str, text_column: str, columns):
+    """``ds`` reduced to its text column, named ``text`` (``columns``: the ones it has)."""
+    _require_column(columns, source, text_column)
+    ds = ds.select_columns([text_column])
+    return ds.rename_column(text_column, "text") if text_column != "text" else ds
 
 
 def _iterable_dataset_type():
@@ -142,13 +156,7 @@ def _first_record(ds, source: str) -> dict:
 
 def _streamed_text(ds, source: str, text_column: str):
     """A streamed dataset -> column ``text`` without empty documents; the column is checked on the first record."""
-    first = _first_record(ds, source)
-    if text_column not in first:
-        raise DataError(f"{source}: no column {text_column!r} (columns: {', '.join(first)}); "
-                        "set text_column to the one holding the text")
-    ds = ds.select_columns([text_column])
-    if text_column != "text":
-        ds = ds.rename_column(text_column, "text")
+    ds = _as_text_column(ds, source, text_column, list(_first_record(ds, source)))
     return ds.filter(lambda example: bool(example["text"] and example["text"].strip()))
 
 
@@ -157,35 +165,8 @@ def check_documents(source: str, *, split: str | None = None, text_column: str =
     """What ``validate`` checks without reading a dataset: ``source`` exists and its first record has
     ``text_column``.  Local files and Hub datasets are streamed (only the first record is read); a builtin
     corpus is prepared on first use (a few MB).  Returns that first record."""
-    import datasets
-
-    if source.startswith("builtin:"):
-        try:
-            path = corpus_file(source.split(":", 1)[1], split or "train")
-        except CorpusError as e:
-            raise DataError(f"{source}: {e}") from None
-        ds = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
-    else:
-        files = _local_files(source)
-        if files is None:
-            ds = _load_hub(source, subset, split or "train", streaming=True)
-        else:
-            if not files:
-                raise DataError(f"{source}: no data files ({', '.join(LOCAL_FORMATS)}) found there")
-            kinds = {LOCAL_FORMATS.get(Path(f).suffix) for f in files}
-            if None in kinds or len(kinds) != 1:
-                raise DataError(f"{source}: files must all be one of {', '.join(LOCAL_FORMATS)} "
-                                f"(found {', '.join(sorted({Path(f).suffix or '(none)' for f in files}))})")
-            builder = kinds.pop()
-            extra = {"sample_by": "document"} if builder == "text" else {}
-            try:
-                ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
-            except Exception as e:   # as in _load_local
-                raise DataError(f"{source}: cannot read as {builder}: {_first_line(e)}") from None
-    first = _first_record(ds, source)
-    if text_column not in first:
-        raise DataError(f"{source}: no column {text_column!r} (columns: {', '.join(first)}); "
-                        "set text_column to the one holding the text")
+    first = _first_record(_open(source, split, subset, stream_local=True, stream_hub=True), source)
+    _require_column(list(first), source, text_column)
     return first
 
 
