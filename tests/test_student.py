@@ -393,6 +393,37 @@ def test_attention_sink_is_seen_past_the_window_only_and_matches_its_own_cache()
         assert torch.equal(batched[i], student.generate(p[None], **kw)[0, p.numel():])
 
 
+def test_windowed_decode_step_equals_the_general_form_and_follows_parameter_changes(monkeypatch):
+    """The one-token decode of a windowed Hedgehog (grouped heads, constants kept per cache, state updated in
+    place) computes what the general windowed form computes, also after parameters change between steps."""
+    from convert.student.mixer_hedgehog import Hedgehog
+
+    def decode(student):
+        ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            cache = student(ids[:, :7], use_cache=True).cache
+            logits = []
+            for t in range(7, 19):
+                if t == 12:   # in place, as an optimizer step would: the kept constants must not go stale
+                    for layer in (0, 2):
+                        mixer = student.model.layers[layer].self_attn
+                        mixer.feature_q.mul_(1.5)
+                        mixer.window_factor.add_(1.0)
+                        mixer.rnnify_sink_value.add_(0.5)
+                logits.append(student(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+        return torch.cat(logits, 1)
+
+    def student():
+        return randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 5, "sink": True},
+                                        [0, 2], attention_window=6, attention_sink=True))
+
+    fast = decode(student())
+    monkeypatch.setattr(Hedgehog, "_decode_windowed", lambda self, q, k, v1, state, cache: self._mix_windowed(
+        q, k, v1, self.feature_map(q, self.feature_q), cache))
+    general = decode(student())
+    torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-4)
+
+
 def test_calibrated_sink_stands_in_exactly_for_the_first_token():
     """Calibrated on rows that all start like the input, the sink is that input's first-token key/value at every
     layer (position 0 sees only itself), so the student is the teacher attending to window + first token."""

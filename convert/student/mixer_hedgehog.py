@@ -13,10 +13,12 @@ teacher keeps on the first token stays exact instead of being left to the featur
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
-from .mixer_registry import Mixer, register_mixer, run_chunk, run_step
+from .mixer_registry import Mixer, register_mixer, run_chunk
 
 
 @register_mixer
@@ -58,15 +60,19 @@ class Hedgehog(Mixer):
     @staticmethod
     def feature_map(x, weight):
         """x [B,T,H,D], weight [H,D,F] -> [B,T,H,2F]: softmax over features of ±xW, computed in fp32."""
-        xw = torch.einsum("bthd,hdf->bthf", x.float(), weight.float())
-        return torch.cat([xw.softmax(-1), (-xw).softmax(-1)], dim=-1)
+        w = weight.float()
+        xw = torch.einsum("bthd,hdf->bthf", x.float(), torch.cat([w, -w], dim=-1))
+        return xw.unflatten(-1, (2, -1)).softmax(-1).flatten(-2)
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
         q, k, v = self.project(x, position_embeddings)
-        ones = torch.ones_like(v[..., :1])
-        v1 = torch.cat([v, ones], dim=-1)                                  # [B,T,Hkv,Dv+1]
+        v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)                 # [B,T,Hkv,Dv+1]: values, then 1
         if valid is not None:                                             # padded tokens add nothing
             v1 = v1 * valid[:, :, None, None].to(v1.dtype)
+        if self.window and q.shape[1] == 1 and packed is None:
+            state = self.read_state(cache)
+            if state is not None:
+                return self._decode_windowed(q, k, v1, state, cache)
         phi_q = self.feature_map(q, self.feature_q)
         if not self.window:
             phi_k = self.feature_map(self.expand(k), self.feature_k)
@@ -147,6 +153,72 @@ class Hedgehog(Mixer):
         out = self._softmax_sums(scores, allowed, vw, "bnhwk,bnhvk->bnwhv", sink)    # [B,nb,W,H,Dv+1]
         return out.reshape(B, nb * W, H, -1)[:, :T]
 
+    def _decode_constants(self, cache) -> dict:
+        """Parameter-derived tensors of the decode step: per query head one [D, 2F+1] matrix that gives ±qW
+        (the feature map's logits) and the sink's score in one matmul; the sink's value with its normaliser
+        [Hkv, 1, Dv+1]; ±W of the key feature map [H, D, 2F]; the window share [H, 1, 1].  Built once per
+        cache (one generation) and again if a parameter changes in place meanwhile; with gradients on, built
+        every step so that they carry autograd."""
+        params = [p for p in (self.feature_q, self.feature_k, getattr(self, "window_factor", None),
+                              getattr(self, "rnnify_sink_key", None), getattr(self, "rnnify_sink_value", None))
+                  if p is not None]
+        versions = tuple((p.data_ptr(), p._version) for p in params)
+        cached = self.__dict__.get("_decode_cache")
+        if cached is not None and cached[0]() is cache and cached[1] == versions and not torch.is_grad_enabled():
+            return cached[2]
+        fq, fk = self.feature_q.float(), self.feature_k.float()
+        query = [fq, -fq]
+        consts = {"feature_k": torch.cat([fk, -fk], dim=-1),
+                  "share": torch.sigmoid(self.window_factor.float())[:, None, None]}
+        if hasattr(self, "rnnify_sink_key"):
+            sink_key = self.expand(self.rnnify_sink_key.float()[None, None])[0, 0]              # [H, D]
+            query.append(sink_key[..., None] * self.attn.scaling)
+            value = self.rnnify_sink_value.float()
+            consts["sink_value"] = torch.cat([value, torch.ones_like(value[:, :1])], dim=-1)[:, None]
+        consts["query"] = torch.cat(query, dim=-1)
+        if not torch.is_grad_enabled():
+            self.__dict__["_decode_cache"] = (weakref.ref(cache), versions, consts)
+        return consts
+
+    def _decode_windowed(self, q, k, v1, state, cache):
+        """One new token over a cache (T == 1): the same sums as ``_mix_windowed`` in as few ops as the math
+        allows, for decoding.
+
+        q [B,1,H,D], k [B,1,Hkv,D], v1 [B,1,Hkv,Dv+1], state [B,H,2F,Dv+1] -> [B,1,H,Dv].  Heads stay grouped
+        ([B·Hkv, G, ·], G = H/Hkv) so cached keys are never copied per query head; the window is every cached key
+        (the cache keeps the last W−1 and the new one), the sink one more key, seen once a key has left."""
+        B, _, H, D = q.shape
+        Hkv = self.num_kv_heads
+        G, F2 = H // Hkv, state.shape[-2]
+        c = self._decode_constants(cache)
+        k_ext, v_ext = cache.update(k.transpose(1, 2), v1.transpose(1, 2), self.layer_idx)   # [B,Hkv,N,·]
+        N = k_ext.shape[2]
+        k_ext, v_ext = k_ext.float(), v_ext.float()
+        qf = q.float().view(B, H, 1, D)
+        logits = qf @ c["query"]                                                         # [B,H,1,2F(+1)]
+        phi_q = logits[..., :F2].view(B, H, 2, -1).softmax(-1).view(B, H, 1, F2)
+        lin = phi_q @ state                                                              # [B,H,1,Dv+1]
+        # padding keys (zero normaliser column) score −inf: log 0; real ones log 1 = 0
+        scores = torch.baddbmm(v_ext[..., -1].log().view(B * Hkv, 1, N), qf.view(B * Hkv, G, D),
+                               k_ext.view(B * Hkv, N, D).transpose(1, 2), alpha=self.attn.scaling)   # [B·Hkv,G,N]
+        values = v_ext.view(B * Hkv, N, -1)
+        if "sink_value" in c:   # seen once a key has left the window: linear normaliser > 0
+            sink = logits[..., F2:].masked_fill(lin[..., -1:] <= 0, float("-inf")).view(B * Hkv, G, 1)
+            scores = torch.cat([scores, sink], dim=-1)
+            values = torch.cat([v_ext, c["sink_value"].expand(B, -1, -1, -1)], dim=2).view(B * Hkv, N + 1, -1)
+        m = scores.amax(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).min)    # all-masked rows -> 0
+        window = ((scores - m).exp() @ values).view(B, H, 1, -1)                         # [B,H,1,Dv+1]
+        if N == self.window:   # key N − W leaves the window: it enters the state for later steps
+            k_old = k_ext[:, :, :1].expand(B, Hkv, G, D).reshape(B, H, 1, D)
+            phi_k = (k_old @ c["feature_k"]).view(B * H, 2, -1).softmax(-1).view(B * H, F2, 1)
+            v_old = v_ext[:, :, :1].expand(B, Hkv, G, -1).reshape(B * H, 1, -1)
+            if torch.is_grad_enabled():
+                self.write_state(cache, torch.baddbmm(state.view(B * H, F2, -1), phi_k, v_old).view_as(state))
+            else:   # in place: the cached state is read and written once, nothing allocated
+                state.view(B * H, F2, -1).baddbmm_(phi_k, v_old)
+        mixed = window if self.recurrent_off else torch.lerp(lin, window, c["share"])   # ablation: window only
+        return (mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])).view(B, 1, H, -1)
+
     def _mix_windowed(self, q, k, v1, phi_q, cache, packed=None):
         B, T, H, D = q.shape
         W = self.window
@@ -173,16 +245,6 @@ class Hedgehog(Mixer):
             lin = self.recurrence("decay_scalar", phi_q, k_sh, v_sh, torch.zeros(B, T, H, device=q.device), None,
                                   None, scale=1.0, packed=packed)
             new_state = None
-        elif cache is not None and state is not None and T == 1:
-            # the query still sees key N - W in its window; that key enters the state for later steps
-            lin = torch.einsum("bthf,bhfv->bthv", phi_q, state)
-            leaving = N - W
-            if leaving >= 0:
-                kk, vv = phi_k[:, leaving:leaving + 1], v_ext[:, leaving:leaving + 1]
-            else:
-                kk, vv = torch.zeros_like(phi_k[:, :1]), torch.zeros_like(v_ext[:, :1])
-            _, new_state = run_step("decay_scalar", phi_q, kk, vv, torch.zeros(B, 1, H, device=q.device),
-                                    initial_state=state, scale=1.0)
         else:
             # position s of the shifted sequences holds query s and key s - W; one extra step at the end
             # pushes key N - W into the state, which then covers exactly the keys no longer cached.
