@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import kernels.fla_backend
 import kernels.torch_ops
 from store import write_folder_atomically
 
@@ -120,6 +121,8 @@ def save_student(student: RnnifyForCausalLM, out_dir: str | Path, tokenizer=None
             if src.name != "__init__.py":
                 shutil.copy2(src, tmp / src.name)
         shutil.copy2(kernels.torch_ops.__file__, tmp / "rnnify_ops.py")
+        fla = Path(kernels.fla_backend.__file__).read_text()
+        (tmp / "rnnify_fla.py").write_text(fla.replace("from .torch_ops import", "from .rnnify_ops import"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

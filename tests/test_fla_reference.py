@@ -48,3 +48,30 @@ def test_delta_matches_fla_gated_delta_rule():
                                                               output_final_state=True)
     for form in (kernels.delta.naive, kernels.delta.chunk):
         check(form(q, k, v, g, beta, initial_state=s, output_final_state=True), theirs)
+
+
+@pytest.mark.parametrize("op", ["decay_scalar", "decay_vector", "delta"])
+def test_fla_backend_mapping_equals_our_reference(op):
+    """``backend='fla'`` hands fla our arguments through ``kernels.fla_backend``; on CPU its naive form runs with the
+    same mapping: grouped kv heads, packed sequences with their own initial states, a scale that is not Dk^-½."""
+    from kernels import fla_backend
+    from tests.test_kernels import make_inputs
+
+    args = make_inputs(op, B=1, T=30, H=4, Hkv=2, Dk=16, Dv=24)
+    kw = dict(initial_state=torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(3)) * 0.1,
+              output_final_state=True, cu_seqlens=torch.tensor([0, 11, 30]), scale=0.3)
+    check(fla_backend.run(op, "naive", *args, **kw), getattr(kernels, op).naive(*args, **kw))
+    for form in ("chunk", "step"):   # the CUDA forms exist under the names the mapping uses
+        assert callable(fla_backend.function(op, form))
+
+
+def test_fla_backend_needs_cuda_tensors_and_the_package(monkeypatch):
+    from kernels import fla_backend
+    from tests.test_kernels import make_inputs
+
+    args = make_inputs("delta", T=4)
+    with pytest.raises(ValueError, match="'fla' needs CUDA tensors"):
+        kernels.delta.chunk(*args, backend="fla")
+    monkeypatch.setattr(fla_backend, "available", lambda: False)
+    with pytest.raises(ValueError, match="pip install 'rnnify\\[fla\\]'"):
+        kernels.delta.chunk(*args, backend="fla")

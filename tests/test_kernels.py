@@ -184,6 +184,30 @@ def test_default_backend_is_torch_on_cpu_and_triton_on_cuda(monkeypatch):
     assert select_backend("delta", cpu, "torch") == "torch"     # the argument wins
 
 
+def test_default_on_cuda_is_the_backend_measured_fastest_for_that_gpu(monkeypatch, tmp_path):
+    """``eval/bench_kernels.py --record`` writes {GPU model: {op: backend}}; the dispatcher follows it per op, and
+    falls back to triton for an op (or a GPU) without a measurement or whose backend is not installed."""
+    import json
+    import types
+
+    from kernels import dispatch, fla_backend
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path))
+    dispatch.fastest_file().parent.mkdir(parents=True)
+    dispatch.fastest_file().write_text(json.dumps({"Some GPU": {"delta": "fla", "decay_scalar": "triton"}}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(fla_backend, "available", lambda: True)
+    on_gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+    backend, why = dispatch.default_backend("delta", on_gpu)
+    assert backend == "fla" and "fastest measured on Some GPU" in why
+    assert dispatch.default_backend("decay_vector", on_gpu)[0] == "triton"     # not measured
+    monkeypatch.setattr(fla_backend, "available", lambda: False)
+    assert dispatch.default_backend("delta", on_gpu)[0] == "triton"            # measured, but not installed here
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Another GPU")
+    assert dispatch.default_backend("decay_scalar", on_gpu)[0] == "triton"
+    assert dispatch.default_backend("delta", torch.zeros(1))[0] == "torch"
+
+
 def test_triton_step_updates_the_state_in_place():
     args = make_inputs("decay_vector", T=1)
     state = torch.randn(2, 4, 16, 24)

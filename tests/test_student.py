@@ -101,8 +101,9 @@ def test_save_load_round_trip_in_fresh_process_without_rnnify(tmp_path, tokenize
     expected = student.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
     torch.save({"ids": ids, "ref": ref, "expected": expected}, tmp_path / "ref.pt")
     code = f"""
-import sys
+import logging, sys
 sys.modules["kernels"] = None; sys.modules["convert"] = None   # rnnify is not installed here
+logging.basicConfig(level=logging.INFO)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
@@ -118,11 +119,13 @@ print(diff, out.shape[1] - d["ids"].shape[1], type(m).__name__, torch.equal(out,
     assert res.returncode == 0, res.stderr[-2000:]
     diff, new_tokens, cls, same_tokens = res.stdout.strip().splitlines()[-1].split()
     assert float(diff) == 0.0 and int(new_tokens) == 32 and cls == "RnnifyForCausalLM" and same_tokens == "True"
+    assert "on cpu this student runs the PyTorch ops bundled beside it (rnnify_ops.py)" in res.stderr   # said once
+    assert res.stderr.count("rnnify's kernels are not importable") == 1
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rnnify.RnnifyForCausalLM"
     kind = "hybrid_sliding" if mixer.get("window") else "linear_attention"
     assert config["layer_types"] == ["full_attention", kind, kind]
-    for name in ("model.safetensors", "rnnify_ops.py", "modeling_rnnify.py", "generation_config.json",
+    for name in ("model.safetensors", "rnnify_ops.py", "rnnify_fla.py", "modeling_rnnify.py", "generation_config.json",
                  "tokenizer.json"):
         assert (folder / name).is_file(), name
 

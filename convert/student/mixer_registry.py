@@ -4,7 +4,9 @@ A mixer keeps the teacher's attention module (``self.attn``) and reuses its q/k/
 the parameters it adds are initialised so that the layer starts from the attention it replaces.
 Each mixer has a parallel form (training, prefill) and a recurrent form (one-token decode) that
 compute the same function; both run through the ops of rnnify's ``kernels`` package when it is
-importable, else through ``rnnify_ops.py`` shipped beside this file in an exported student.
+importable; an exported student without rnnify runs flash-linear-attention's kernels on CUDA when fla-core is
+installed (``rnnify_fla.py``, the same mapping as ``kernels/fla_backend.py``) and otherwise ``rnnify_ops.py``
+(the PyTorch forms), both shipped beside this file, and logs which.
 """
 from __future__ import annotations
 
@@ -23,18 +25,32 @@ try:  # rnnify's own kernels (Triton where available); Hugging Face's `kernels` 
     def run_step(op, q, k, v, log_decay, beta=None, **kw):
         args = (q, k, v, log_decay) + ((beta,) if op == "delta" else ())
         return _OPS[op].recurrent_step(*args, **kw)
-except ImportError:  # exported student without rnnify installed
+except ImportError:  # exported student without rnnify installed: fla's kernels on CUDA if installed, else torch
     import logging
 
+    from .rnnify_fla import available as _fla_available, run as _fla_run
     from .rnnify_ops import chunk as _chunk, recurrent_step as _step
 
-    logging.getLogger("rnnify").info("rnnify's kernels are not importable: this student runs the PyTorch ops "
-                                     "bundled beside it (rnnify_ops.py); `pip install rnnify` for the Triton kernels")
+    _announced = set()
+
+    def _use_fla(q) -> bool:
+        fla = q.is_cuda and _fla_available()
+        if (fla, q.device.type) not in _announced:
+            _announced.add((fla, q.device.type))
+            logging.getLogger("rnnify").info(
+                "rnnify's kernels are not importable: on %s this student runs %s", q.device.type,
+                "flash-linear-attention's kernels (fla-core)" if fla else
+                "the PyTorch ops bundled beside it (rnnify_ops.py); `pip install rnnify` for the Triton kernels")
+        return fla
 
     def run_chunk(op, q, k, v, log_decay, beta=None, **kw):
+        if _use_fla(q):
+            return _fla_run(op, "chunk", q, k, v, log_decay, beta, **kw)
         return _chunk(op, q, k, v, log_decay, beta, **kw)
 
     def run_step(op, q, k, v, log_decay, beta=None, **kw):
+        if _use_fla(q):
+            return _fla_run(op, "step", q, k, v, log_decay, beta, **kw)
         return _step(op, q, k, v, log_decay, beta, **kw)
 
 
