@@ -10,7 +10,8 @@ Steps:
 2. **a two-stage run in bf16**: ``tests/recipes/tiny.yaml`` with ``dtype: bfloat16`` and ``mixed_precision: bf16``
    in both stages on the device (held-out perplexity of teacher and student, each stage's tokens/s);
 3. **kernel benchmark**: ``eval/bench_kernels.py`` on the device (its own markdown tables: ours, flash-linear-
-   attention's when installed, SDPA; bf16, T = 2K…32K, D = 64 and 128).
+   attention's when installed, SDPA; bf16, T = 2K…32K, D = 64 and 128), recording the fastest backend per op
+   as the dispatcher's default on this GPU model (``--record``).
 
 Prints the summary table (step, result, seconds, key figure) and writes everything under ``--out``.
 Exit status 0 only if every step passed.
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
         bench = [sys.executable, "eval/bench_kernels.py", "--device", args.device]
         if args.device == "cpu":   # a rehearsal: the smallest shapes
             bench += ["--T", "64", "--D", "16", "--repeats", "1"]
+        else:
+            bench += ["--record"]
         r = run_step("kernel benchmark", bench, env, args.out / "bench.md", timeout=600)
         r["figure"] = f"{r['output'].count('#### ')} tables in {r['log']}"
         results.append(r)

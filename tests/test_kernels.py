@@ -248,6 +248,34 @@ def test_benchmark_prints_one_table_per_op_with_ratios(capsys):
     out = capsys.readouterr().out
     for op in OPS:
         assert f"#### {op} (cpu, float32" in out
-    assert "| × naive | × naive fwd+bwd | × torch chunk | × SDPA |" in out
+    assert "| of copy BW | × naive | × naive fwd+bwd | × torch chunk | × SDPA |" in out
+    assert "copy bandwidth (read + write of a large tensor, best of 5):" in out
     rows = [line for line in out.splitlines() if line.startswith("| (1, 4, 48, 16)")]
-    assert len(rows) == 3 * 3 and all(line.count("|") == 11 for line in rows)   # naive, torch chunk, sdpa per op
+    assert len(rows) == 3 * 3 and all(line.count("|") == 12 for line in rows)   # naive, torch chunk, sdpa per op
+    assert "fastest forward+backward per op: decay_scalar torch, decay_vector torch, delta torch" in out
+    with pytest.raises(SystemExit):   # the dispatcher's measured default is a CUDA thing
+        bench.main(["--device", "cpu", "--record"])
+
+
+def test_benchmark_records_the_fastest_backend_per_op_for_the_dispatcher(monkeypatch, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from kernels import dispatch
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "eval" /
+                                                  "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {"delta": [{"backend": "torch chunk", "fwdbwd_ms": 9.0}, {"backend": "triton", "fwdbwd_ms": 4.0},
+                      {"backend": "fla", "fwdbwd_ms": 2.0}, {"backend": "sdpa (causal)", "fwdbwd_ms": 1.0},
+                      {"backend": "triton", "fwdbwd_ms": 4.0}, {"backend": "fla", "fwdbwd_ms": 7.0}],
+            "decay_scalar": [{"backend": "torch chunk", "fwdbwd_ms": 3.0}, {"backend": "triton", "fwdbwd_ms": 1.0}]}
+    choice = bench.fastest_backends(rows)
+    assert choice == {"delta": "triton", "decay_scalar": "triton"}   # totals over shapes; SDPA is no backend
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path))
+    bench.record("GPU A", {"delta": "fla"})
+    bench.record("GPU B", choice)
+    bench.record("GPU A", {"decay_scalar": "torch"})
+    assert json.loads(dispatch.fastest_file().read_text()) == {
+        "GPU A": {"delta": "fla", "decay_scalar": "torch"}, "GPU B": choice}
