@@ -2,7 +2,9 @@
 
     S_t = a_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,   o_t = scale · S_tᵀ q_t,   a_t = exp(g_t)
 
-Forward, one program per (sequence, head), chunks of BT tokens in order.  With b = cumsum(g) in the
+Forward, one program per (sequence, head, block of BV value columns), chunks of BT tokens in order:
+value columns of the state never interact (each column of S follows its own delta rule with shared keys),
+so the grid grows with Dv and a program holds a [Dk, BV] tile.  With b = cumsum(g) in the
 chunk, Γ_t = e^{b_t} and L[t, i] = β_t e^{b_t - b_i} k_t·k_i (i < t), the per-token updates
 w_t = β_t (v_t − a_t S_{t-1}ᵀ k_t) solve (I + L) W = diag(β) V − diag(βΓ) K S, so
 
@@ -18,8 +20,9 @@ with P = S_{t-1}, w = kᵀP, and dS the gradient of S_t (plus scale · q_t do_t�
     dq = scale · S_t do,  dv = β dSᵀk,  dβ = (kᵀdS)·(v − a w),  dg = a (⟨dS, P⟩ − β (kᵀdS)·w),
     dk = β dS v − a β (dS w + P dSᵀk),  dS_{t-1} = a (dS − β k (kᵀ dS)).
 
-This is a fused-recurrent backward over chunk checkpoints (memory O(T/BT) states); a WY-form
-chunked backward is the faster path still to write.
+This is a fused-recurrent backward over chunk checkpoints (memory O(T/BT) states), tiled over value
+columns like the forward; dq, dk, dβ and dg sum over columns, so each block writes its share and PyTorch
+adds them.  A WY-form chunked backward is the faster path still to write.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gated import _load_chunk, _sequence_bounds
+from .triton_gated import _block, _load_chunk, _sequence_bounds, value_block
 
 
 @triton.jit
@@ -40,10 +43,10 @@ def _delta_fwd_kernel(q, k, v, g, beta, o, h0, ht, hc, cu_seqlens, scale, T, NC,
                       H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, STORE_HC: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kv = i_h // (H // HKV)
     bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, VARLEN)
-    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     causal = o_t[:, None] >= o_t[None, :]
@@ -89,13 +92,14 @@ def _delta_fwd_kernel(q, k, v, g, beta, o, h0, ht, hc, cu_seqlens, scale, T, NC,
 
 @triton.jit
 def _delta_bwd_kernel(q, k, v, g, beta, do, dq, dk, dv, dg, dbeta, hc, scratch, dht, dh0, cu_seqlens, scale, T, NC,
-                      H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      NTOK, H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, VARLEN: tl.constexpr):
-    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kv = i_h // (H // HKV)
     bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, VARLEN)
-    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    part = i_v.to(tl.int64) * NTOK                 # block i_v of the [NV, B·T, ...] partial sums
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     kv_off = o_k[:, None] * V + o_v[None, :]
@@ -141,24 +145,20 @@ def _delta_bwd_kernel(q, k, v, g, beta, do, dq, dk, dv, dg, dbeta, hc, scratch, 
             b_da = tl.sum(tl.sum(b_dS * b_P, axis=1), axis=0) - b_beta * tl.sum(b_kdS * b_w, axis=0)
             b_dk = b_beta * tl.sum(b_dS * b_v[None, :], axis=1) \
                 - b_a * b_beta * (tl.sum(b_dS * b_w[None, :], axis=1) + tl.sum(b_P * b_kdS[None, :], axis=1))
-            tl.store(dq + row * H * K + i_h * K + o_k, b_dq, mask=m_k)
-            tl.store(dk + row * H * K + i_h * K + o_k, b_dk, mask=m_k)
+            tl.store(dq + (part + row) * H * K + i_h * K + o_k, b_dq, mask=m_k)
+            tl.store(dk + (part + row) * H * K + i_h * K + o_k, b_dk, mask=m_k)
             tl.store(dv + row * H * V + i_h * V + o_v, b_dv, mask=m_v)
-            tl.store(dg + row * H + i_h, b_a * b_da)
-            tl.store(dbeta + row * H + i_h, b_dbeta)
+            tl.store(dg + (part + row) * H + i_h, b_a * b_da)
+            tl.store(dbeta + (part + row) * H + i_h, b_dbeta)
             b_dS = b_a * (b_dS - b_beta * b_k[:, None] * b_kdS[None, :])
         tl.debug_barrier()
     if STORE_DH0:
         tl.store(dh0 + prog * K * V + kv_off, b_dS, mask=m_kv)
 
 
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 class DeltaChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, chunk_size):
+    def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, chunk_size, block_v):
         B, T, H, K = q.shape
         HKV, V = v.shape[2], v.shape[3]
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
@@ -169,8 +169,9 @@ class DeltaChunk(torch.autograd.Function):
         o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
         ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
         hc = torch.empty(n_seq, H, NC, K, V, dtype=torch.float32, device=q.device)
-        meta = dict(H=H, HKV=HKV, K=K, V=V, BT=chunk_size, BK=_block(K), BV=_block(V), VARLEN=cu_seqlens is not None)
-        _delta_fwd_kernel[(n_seq, H)](q, k, v, g, beta, o, h0, ht, hc, cu_seqlens, scale, T, NC,
+        BV = block_v or value_block(K, V)
+        meta = dict(H=H, HKV=HKV, K=K, V=V, BT=chunk_size, BK=_block(K), BV=BV, VARLEN=cu_seqlens is not None)
+        _delta_fwd_kernel[(n_seq, H, triton.cdiv(V, BV))](q, k, v, g, beta, o, h0, ht, hc, cu_seqlens, scale, T, NC,
                                       USE_H0=h0 is not None, STORE_HT=output_final_state, STORE_HC=True,
                                       PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32", **meta)
         ctx.save_for_backward(q, k, v, g, beta, hc, cu_seqlens)
@@ -187,27 +188,30 @@ class DeltaChunk(torch.autograd.Function):
         B, T, H, K = q.shape
         HKV, V = v.shape[2], v.shape[3]
         f32 = dict(dtype=torch.float32, device=q.device)
-        dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
+        NV = triton.cdiv(V, meta["BV"])
+        dq, dk = torch.empty(NV, B, T, H, K, **f32), torch.empty(NV, B, T, H, K, **f32)
         dv = torch.empty(B, T, H, V, **f32)
-        dg, dbeta = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
+        dg, dbeta = torch.empty(NV, B, T, H, **f32), torch.empty(NV, B, T, H, **f32)
         scratch = torch.empty(ctx.n_seq, H, meta["BT"], K, V, **f32)
         dh0 = torch.empty(ctx.n_seq, H, K, V, **f32) if ctx.has_h0 else None
         dht = None if dht is None else dht.float().contiguous()
-        _delta_bwd_kernel[(ctx.n_seq, H)](q, k, v, g, beta, do.contiguous(), dq, dk, dv, dg, dbeta, hc, scratch, dht,
-                                          dh0, cu_seqlens, ctx.scale, T, ctx.NC, USE_DHT=dht is not None,
-                                          STORE_DH0=ctx.has_h0, **meta)
+        _delta_bwd_kernel[(ctx.n_seq, H, NV)](q, k, v, g, beta, do.contiguous(), dq, dk, dv, dg, dbeta, hc, scratch,
+                                              dht, dh0, cu_seqlens, ctx.scale, T, ctx.NC, B * T,
+                                              USE_DHT=dht is not None, STORE_DH0=ctx.has_h0, **meta)
+        dq, dk, dg, dbeta = dq.sum(0), dk.sum(0), dg.sum(0), dbeta.sum(0)   # shares of the column blocks
         if HKV != H:
             dk = dk.view(B, T, HKV, H // HKV, K).sum(3)
             dv = dv.view(B, T, HKV, H // HKV, V).sum(3)
         q_dt, k_dt, v_dt, g_dt, b_dt, s_dt = ctx.dtypes
         return (dq.to(q_dt), dk.to(k_dt), dv.to(v_dt), dg.to(g_dt), dbeta.to(b_dt),
-                None if dh0 is None else dh0.to(s_dt), None, None, None, None)
+                None if dh0 is None else dh0.to(s_dt), None, None, None, None, None)
 
 
 def delta_chunk(q, k, v, log_decay, beta, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-                scale=None, chunk_size=None):
+                scale=None, chunk_size=None, block_v=None):
     """Triton gated delta rule; q [B,T,H,K], k [B,T,Hkv,K], v [B,T,Hkv,V], log_decay/beta [B,T,H]
-    -> (o [B,T,H,V], final state [N,H,K,V] fp32 or None)."""
+    -> (o [B,T,H,V], final state [N,H,K,V] fp32 or None).  ``block_v``: value columns per program
+    (default ``value_block(K, V)``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return DeltaChunk.apply(q, k, v, log_decay, beta, initial_state, cu_seqlens, float(scale), output_final_state,
-                            chunk_size or 32)
+                            chunk_size or 32, block_v)

@@ -130,6 +130,30 @@ def test_head_dims_and_gqa(op, D, backend):
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("Dk,Dv", [(64, 64), (128, 128), (256, 129)], ids=["64", "128", "hedgehog-2x128"])
+def test_tiled_triton_kernels_at_model_head_dims(op, Dk, Dv):
+    """Model-size heads (Hedgehog: 2·128 feature keys, values + the normaliser column) split over several value
+    blocks per head, with grouped kv heads, packed sequences and initial states: outputs, final states and every
+    gradient against the reference."""
+    from kernels.triton_gated import value_block
+    assert -(-Dv // value_block(Dk, Dv)) >= (1 if Dv <= 64 else 2)     # the larger heads really are tiled
+    args = make_inputs(op, B=1, T=20, H=4, Hkv=2, Dk=Dk, Dv=Dv)
+    g = torch.Generator().manual_seed(5)
+    h0 = (torch.randn(2, 4, Dk, Dv, generator=g, device="cpu") * 0.1).to(TEST_DEVICE)
+    kw = dict(cu_seqlens=torch.tensor([0, 9, 20]), output_final_state=True)
+    results = []
+    for form in (lambda *a, **k: OPS[op].naive(*a, **k), lambda *a, **k: OPS[op].chunk(*a, backend="triton", **k)):
+        leaves = [a.detach().clone().requires_grad_() for a in args] + [h0.clone().requires_grad_()]
+        o, state = form(*leaves[:-1], initial_state=leaves[-1], **kw)
+        (o * torch.linspace(-1, 1, o.shape[-1])).sum().add((state ** 2).sum() * 0.1).backward()
+        results.append([o, state] + [x.grad for x in leaves])
+    names = ["o", "state", "dq", "dk", "dv", "dg"] + (["dbeta"] if op == "delta" else []) + ["dh0"]
+    for name, ref, got in zip(names, *results):
+        # fp32 sums over up to 256 channels and 20 steps (the decay gradient is a difference of such sums)
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * max(1.0, ref.abs().max().item()), msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_bf16_inputs_close_to_fp32_reference(op, backend):
