@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import kernels.common
 import kernels.fla_backend
 import kernels.torch_ops
 from store import write_folder_atomically
@@ -120,9 +121,11 @@ def save_student(student: RnnifyForCausalLM, out_dir: str | Path, tokenizer=None
         for src in STUDENT_RUNTIME.glob("*.py"):
             if src.name != "__init__.py":
                 shutil.copy2(src, tmp / src.name)
-        shutil.copy2(kernels.torch_ops.__file__, tmp / "rnnify_ops.py")
-        fla = Path(kernels.fla_backend.__file__).read_text()
-        (tmp / "rnnify_fla.py").write_text(fla.replace("from .torch_ops import", "from .rnnify_ops import"))
+        # the kernels' portable files, their imports of each other renamed to the copies' names
+        for module, name in ((kernels.common, "rnnify_common"), (kernels.torch_ops, "rnnify_ops"),
+                             (kernels.fla_backend, "rnnify_fla")):
+            text = Path(module.__file__).read_text().replace("from .common import", "from .rnnify_common import")
+            (tmp / f"{name}.py").write_text(text)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import fla_backend, torch_ops
+from .common import check_inputs
 
 logger = logging.getLogger("kernels")
 ENV_VAR = "RNNIFY_KERNELS_BACKEND"
@@ -101,7 +102,7 @@ def select_backend(op: str, x: torch.Tensor, backend: str | None) -> str:
 def chunk(op, q, k, v, log_decay, beta=None, *, initial_state=None, output_final_state=False, cu_seqlens=None,
           scale=None, backend=None):
     """The op's chunked form on the chosen backend: (o [B,T,H,Dv], final state [N,H,Dk,Dv] fp32 or None)."""
-    torch_ops.check_inputs(op, q, k, v, log_decay, beta, initial_state, cu_seqlens)
+    check_inputs(op, q, k, v, log_decay, beta, initial_state, cu_seqlens)
     kw = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens, scale=scale)
     chosen = select_backend(op, q, backend)
     if chosen == "torch":
@@ -122,7 +123,7 @@ def recurrent_step(op, q, k, v, log_decay, beta=None, *, initial_state=None, out
     if chosen == "torch":
         return torch_ops.recurrent_step(op, q, k, v, log_decay, beta, initial_state=initial_state,
                                         output_final_state=output_final_state, scale=scale)
-    torch_ops.check_inputs(op, q, k, v, log_decay, beta, initial_state, None)
+    check_inputs(op, q, k, v, log_decay, beta, initial_state, None)
     B, T, H, Dk = q.shape
     if T != 1:
         raise ValueError(f"{op}.recurrent_step takes one token (T == 1); got T={T}")

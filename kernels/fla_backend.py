@@ -20,7 +20,7 @@ import inspect
 
 import torch
 
-from .torch_ops import check_inputs, expand_kv_heads
+from .common import check_inputs, expand_kv_heads
 
 FORMS = {
     "decay_scalar": {"chunk": "fla.ops.simple_gla:chunk_simple_gla",

@@ -125,7 +125,7 @@ print(diff, out.shape[1] - d["ids"].shape[1], type(m).__name__, torch.equal(out,
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rnnify.RnnifyForCausalLM"
     kind = "hybrid_sliding" if mixer.get("window") else "linear_attention"
     assert config["layer_types"] == ["full_attention", kind, kind]
-    for name in ("model.safetensors", "rnnify_ops.py", "rnnify_fla.py", "modeling_rnnify.py", "generation_config.json",
+    for name in ("model.safetensors", "rnnify_ops.py", "rnnify_common.py", "rnnify_fla.py", "modeling_rnnify.py", "generation_config.json",
                  "tokenizer.json"):
         assert (folder / name).is_file(), name
 

@@ -5,7 +5,7 @@ A scalar decay per head is the per-channel recurrence of ``decay_vector`` with a
 from __future__ import annotations
 
 from ..decay_vector.naive import naive as _vector_naive
-from ..torch_ops import check_inputs
+from ..common import check_inputs
 
 
 def naive(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None, scale=None):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..torch_ops import check_inputs, expand_kv_heads, run_varlen
+from ..common import check_inputs, expand_kv_heads, run_varlen
 
 
 def _loop(scale):
