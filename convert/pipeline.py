@@ -432,6 +432,71 @@ def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
     return result
 
 
+class Evaluation:
+    """The recipe's ``eval:`` at each evaluation point of a run (the teacher, the student after conversion, after
+    each stage, the final student), on the models it is handed; ``run`` and ``convert eval`` share it.
+
+    With ``key`` (``run``), a result this output_dir already holds under the same key (evaluations.json) is
+    reused; without (``convert eval``), everything is measured again.  lm-eval, speed and passkey run in the
+    main process only (see EVALUATION_WAIT); held-out perplexity is split across all processes.
+    """
+
+    def __init__(self, recipe: Recipe, tokenizer, windows: list, out: Path, device: str, main: bool,
+                 key: dict | None = None):
+        self.recipe, self.tokenizer, self.windows, self.out = recipe, tokenizer, windows, out
+        self.device, self.main, self.key = device, main, key
+
+    def _cached(self, name: str, evaluate):
+        return evaluate() if self.key is None else cached_evaluation(self.out, name, self.key, self.main, evaluate)
+
+    def perplexity(self, model, name: str) -> float:
+        return self._cached(name, partial(perplexity, model, self.windows, self.recipe.eval.batch_size))
+
+    def tasks(self, model, point: str, saved_path: str | None = None) -> dict:
+        """lm-eval at ``point`` (cached as ``tasks_<point>``); {} in the other processes."""
+        if not self.main:
+            return {}
+        return self._cached(f"tasks_{point}", partial(evaluate_tasks, model, self.tokenizer, self.recipe, self.out,
+                                                      point, saved_path))
+
+    def teacher(self, teacher, location: str) -> dict:
+        """The teacher's point: perplexity, tasks (if ``tasks_at`` names it), speed rows and passkey."""
+        point = {"perplexity": self.perplexity(teacher, "teacher"), "tasks": None, "speed_rows": [], "recall": None}
+        if "teacher" in self.recipe.eval.tasks_at:
+            point["tasks"] = self.tasks(teacher, "teacher", location)
+        if self.main:
+            point["speed_rows"] = measure_speed(teacher, "teacher", self.recipe)
+            if self.recipe.eval.recall:
+                point["recall"] = measure_recall(teacher, self.tokenizer, self.recipe)
+        return point
+
+    def final(self, student, teacher_point: dict, student_perplexity: float, student_tasks: dict | None,
+              recall: dict | None = None) -> dict:
+        """The final student's point beside the teacher's: component ablation, speed/memory (speed.png) and passkey
+        (``recall`` may already hold the student's, from the budget curve); ``student_tasks`` as measured."""
+        ablation = component_ablation(student, self.windows, self.recipe, student_perplexity)
+        tasks = {}
+        if teacher_point["tasks"] is not None:
+            tasks["teacher"] = teacher_point["tasks"]
+        if student_tasks is not None:
+            tasks["student"] = student_tasks
+        speed = None
+        if recall is None and teacher_point["recall"] is not None:
+            recall = {"teacher": teacher_point["recall"]}
+        if self.main:
+            speed, recall = finish_speed_and_recall(student, self.tokenizer, self.recipe, self.out, self.device,
+                                                    teacher_point["speed_rows"], recall)
+        return {"component_ablation": ablation, "tasks": tasks, "speed": speed, "recall": recall}
+
+
+def publish(report: dict, out: Path) -> None:
+    """report.json, REPORT.md, and the report's markdown on the console."""
+    from eval.report import write as write_report
+    write_json_atomically(out / "report.json", report)
+    write_report(report, out)
+    print_summary(report)
+
+
 def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -494,22 +559,14 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
 
     t0 = time.perf_counter()
     fingerprint = conversion_fingerprint(recipe, location, layers, calibrated)
-    eval_key = {"conversion": fingerprint, "eval": recipe.eval.model_dump(mode="json")}
-    ppl = {"teacher": cached_evaluation(out, "teacher", eval_key, main,
-                                        partial(perplexity, teacher, windows, recipe.eval.batch_size)),
-           "student_after_init": cached_evaluation(out, "student_after_init", eval_key, main,
-                                                   partial(perplexity, student, windows, recipe.eval.batch_size))}
-    tasks = {}   # lm-eval runs in the main process only
-    if "teacher" in recipe.eval.tasks_at and main:
-        tasks["teacher"] = cached_evaluation(out, "tasks_teacher", eval_key, main,
-                                             partial(evaluate_tasks, teacher, tokenizer, recipe, out, "teacher",
-                                                     location))
-    if "after_init" in recipe.eval.tasks_at and main:
-        tasks["student_after_init"] = cached_evaluation(
-            out, "tasks_student_after_init", eval_key, main,
-            partial(evaluate_tasks, student, tokenizer, recipe, out, "student_after_init", None))
-    speed_rows = measure_speed(teacher, "teacher", recipe) if main else []
-    recall = {"teacher": measure_recall(teacher, tokenizer, recipe)} if main and recipe.eval.recall else None
+    evaluation = Evaluation(recipe, tokenizer, windows, out, device, main,
+                            key={"conversion": fingerprint, "eval": recipe.eval.model_dump(mode="json")})
+    teacher_point = evaluation.teacher(teacher, location)
+    ppl = {"teacher": teacher_point["perplexity"],
+           "student_after_init": evaluation.perplexity(student, "student_after_init")}
+    tasks = {}
+    if "after_init" in recipe.eval.tasks_at:
+        tasks["student_after_init"] = evaluation.tasks(student, "student_after_init")
     timings["eval_s"] = time.perf_counter() - t0
     generation_config = teacher.generation_config
     del teacher   # from here on the teacher is the student's own attention (teacher_attention())
@@ -556,24 +613,23 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
                 write_json_atomically(stage_dir / DONE_FILE, {"fingerprint": stage_key, "summary": summary})
         stages.append(summary)
     ppl["student"] = stages[-1]["perplexity"] if stages else ppl["student_after_init"]
-    ablation = component_ablation(student, windows, recipe, ppl["student"])
+    student_tasks = None
     if "student" in recipe.eval.tasks_at and main:
-        tasks["student"] = stages[-1].get("tasks", {}) if stages else cached_evaluation(
-            out, "tasks_student_after_init", eval_key, main,
-            partial(evaluate_tasks, student, tokenizer, recipe, out, "student_after_init", None))
+        student_tasks = stages[-1].get("tasks", {}) if stages else evaluation.tasks(student, "student_after_init")
     for i, summary in enumerate(stages):
         if "stages" in recipe.eval.tasks_at and "tasks" in summary:
             tasks[f"after_stage_{i}"] = summary["tasks"]
+    recall = None
     budget_curve = None
     if recipe.budget_curve:
         snapshot, summary0, held0, key0 = curve_start
         n_layers = teacher_config.num_hidden_layers
         final = None
         if len(layers) == n_layers:   # the main run is the K = 0 student
-            final = {"perplexity": ppl["student"], "tasks": tasks.get("student", {}),
+            final = {"perplexity": ppl["student"], "tasks": student_tasks or {},
                      "recall": measure_recall(student, tokenizer, recipe) if main else None}
-            if recall is not None:
-                recall["student"] = final["recall"]
+            if teacher_point["recall"] is not None:
+                recall = {"teacher": teacher_point["recall"], "student": final["recall"]}
         budget_curve = run_budget_curve(recipe, recipe_path, snapshot, summary0, held0, windows, tokenizer, out,
                                         device, key0, main, final, all_rows)
         del snapshot
@@ -583,9 +639,12 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         save_student(student, out / "student", tokenizer, generation_config)
     timings["save_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    speed = None
-    if main:
-        speed, recall = finish_speed_and_recall(student, tokenizer, recipe, out, device, speed_rows, recall)
+    final = evaluation.final(student, teacher_point, ppl["student"], student_tasks, recall)
+    measured = final.pop("tasks")   # points in the order of the run: teacher, after init, final, after each stage
+    tasks = {name: result for name, result in [("teacher", measured.get("teacher")),
+                                               ("student_after_init", tasks.pop("student_after_init", None)),
+                                               ("student", measured.get("student")), *tasks.items()]
+             if result is not None}
     timings["speed_and_recall_s"] = time.perf_counter() - t0
 
     n = teacher_config.num_hidden_layers
@@ -603,20 +662,15 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
         "attention_window": recipe.convert.attention_window,
         "attention_sink": recipe.convert.uses_attention_sink,
         "stages": stages,
-        "component_ablation": ablation,
+        **final,   # component_ablation, speed, recall
         "budget_curve": budget_curve,
         "tasks": tasks,
-        "speed": speed,
-        "recall": recall,
         "recipe_hash": digest,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "student_path": str((out / "student").resolve()),
     }
     if main:
-        from eval.report import write as write_report
-        write_json_atomically(out / "report.json", report)
-        write_report(report, out)
-        print_summary(report)
+        publish(report, out)
     process_state(device).wait_for_everyone()
     return report
 
@@ -646,25 +700,18 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
     device, dtype = resolve_device(recipe.device), getattr(torch, recipe.dtype)
     tokenizer = AutoTokenizer.from_pretrained(location)
     windows = heldout_windows(recipe, tokenizer, recipe_path)
+    evaluation = Evaluation(recipe, tokenizer, windows, out, device, main=True)   # no key: measured again
     teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
-    report["perplexity"]["teacher"] = perplexity(teacher, windows, recipe.eval.batch_size)
-    tasks = {"teacher": evaluate_tasks(teacher, tokenizer, recipe, out, "teacher", location)} \
-        if "teacher" in recipe.eval.tasks_at else {}
-    speed_rows = measure_speed(teacher, "teacher", recipe)
-    recall = {"teacher": measure_recall(teacher, tokenizer, recipe)} if recipe.eval.recall else None
+    teacher_point = evaluation.teacher(teacher, location)
     del teacher
     student = AutoModelForCausalLM.from_pretrained(out / "student", dtype=dtype, trust_remote_code=True)
     student = student.to(device).eval()
-    report["perplexity"]["student"] = perplexity(student, windows, recipe.eval.batch_size)
+    report["perplexity"]["teacher"] = teacher_point["perplexity"]
+    report["perplexity"]["student"] = evaluation.perplexity(student, "student")
     report["perplexity_tokens"] = sum(len(w) for w in windows)
-    report["component_ablation"] = component_ablation(student, windows, recipe, report["perplexity"]["student"])
+    student_tasks = None
     if "student" in recipe.eval.tasks_at:
-        tasks["student"] = evaluate_tasks(student, tokenizer, recipe, out, "student", str((out / "student").resolve()))
-    report["tasks"] = tasks
-    report["speed"], report["recall"] = finish_speed_and_recall(student, tokenizer, recipe, out, device, speed_rows,
-                                                                recall)
-    from eval.report import write as write_report
-    write_json_atomically(out / "report.json", report)
-    write_report(report, out)
-    print_summary(report)
+        student_tasks = evaluation.tasks(student, "student", str((out / "student").resolve()))
+    report.update(evaluation.final(student, teacher_point, report["perplexity"]["student"], student_tasks))
+    publish(report, out)
     return report
