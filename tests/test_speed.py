@@ -99,3 +99,24 @@ def test_gpu_check_runs_its_steps_and_prints_one_summary(tmp_path, capsys):
     assert code == 0, out
     assert "| two-stage run, bf16 | ok |" in out and "perplexity teacher" in out
     assert (tmp_path / "summary.md").read_text() in out
+
+
+def test_decode_profile_splits_a_token_into_module_kinds_for_teacher_and_student():
+    """eval/decode_profile.py: every module kind timed once (a mixer's own attention module is not counted again),
+    the parts of a token add up to its total, one markdown row per model with the ratio of totals."""
+    from convert.convert import convert
+    from eval.decode_profile import markdown, profile_decode
+    from tests.conftest import make_teacher
+
+    teacher = make_teacher("llama")
+    student = convert(make_teacher("llama"), {"type": "hedgehog", "window": 4}, [0, 2])
+    rows = {name: profile_decode(model, 12, 6, repeats=2) for name, model in (("teacher", teacher),
+                                                                               ("student", student))}
+    for r in rows.values():
+        assert r["total"] > 0 and r["token mixer"] > 0 and r["MLP"] > 0 and r["norms"] > 0 and r["LM head"] > 0
+        # 3 layers: 3 token mixers (2 recurrent + 1 kept attention; a mixer's own attention is not counted again)
+        assert r["modules_timed"] == {"token mixer": 3, "MLP": 3, "norms": 7, "LM head": 1}
+    table = markdown(rows, 12, 6)
+    assert "| model | total | token mixer | MLP | norms | LM head | rest | tokens/s | × teacher |" in table
+    assert table.count("\n| teacher |") == 1 and table.count("\n| student |") == 1
+    assert table.splitlines()[-2].endswith("| 1.00× |")
