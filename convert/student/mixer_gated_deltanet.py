@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mixer_mamba2 import dt_bias
-from .mixer_registry import HeadRMSNorm, Mixer, OutputGate, register_mixer
+from .mixer_registry import HeadRMSNorm, Mixer, OutputGate, decay_init, register_mixer
 
 
 @register_mixer
@@ -41,8 +40,9 @@ class GatedDeltaNet(Mixer):
             self.beta_proj.weight.zero_()
             self.beta_proj.bias.zero_()
             self.decay_proj.weight.zero_()
-            self.decay_proj.bias.copy_(dt_bias(H, self.opts["dt_min"], self.opts["dt_max"]))
-            self.A_log.copy_(torch.log(torch.linspace(1.0, 16.0, H)))
+            bias, a_log = decay_init(H, self.opts["dt_min"], self.opts["dt_max"])
+            self.decay_proj.bias.copy_(bias)
+            self.A_log.copy_(a_log)
         for part in (self.conv, self.gate, self.norm):
             if part is not None:
                 part.reset_parameters()

@@ -11,19 +11,12 @@ teacher's attention output by ``calibrate_output_norms``).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mixer_registry import HeadRMSNorm, Mixer, OutputGate, register_mixer
-
-
-def dt_bias(heads: int, dt_min: float, dt_max: float) -> torch.Tensor:
-    """softplus⁻¹ of step sizes spread log-uniformly over [dt_min, dt_max] across heads: [heads] (Mamba2's init)."""
-    dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), heads))
-    return dt + torch.log(-torch.expm1(-dt))
+from .mixer_registry import HeadRMSNorm, Mixer, OutputGate, decay_init, register_mixer
 
 
 @register_mixer
@@ -47,8 +40,9 @@ class Mamba2(Mixer):
         lo, hi = self.opts["a_init_range"]
         with torch.no_grad():
             self.dt_proj.weight.zero_()
-            self.dt_proj.bias.copy_(dt_bias(H, self.opts["dt_min"], self.opts["dt_max"]))
-            self.A_log.copy_(torch.log(torch.linspace(lo, hi, H)))
+            bias, a_log = decay_init(H, self.opts["dt_min"], self.opts["dt_max"], (lo, hi))
+            self.dt_proj.bias.copy_(bias)
+            self.A_log.copy_(a_log)
             self.D_skip.fill_(1.0)
         for part in (self.conv, self.gate, self.norm):
             if part is not None:

@@ -10,6 +10,8 @@ installed (``rnnify_fla.py``, the same mapping as ``kernels/fla_backend.py``) an
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -66,6 +68,14 @@ def get_mixer(name: str) -> "type[Mixer]":
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; available: {', '.join(sorted(MIXERS))}")
     return MIXERS[name]
+
+
+def decay_init(heads: int, dt_min: float, dt_max: float, a_range: tuple[float, float] = (1.0, 16.0)):
+    """Mamba2's decay initialisation, shared by the mixers with a data-dependent decay a_t = exp(−exp(A_log)·dt_t):
+    (softplus⁻¹ of step sizes dt spread log-uniformly over [dt_min, dt_max] across heads, A_log = log of
+    ``a_range`` spread linearly), both [heads]."""
+    dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), heads))
+    return dt + torch.log(-torch.expm1(-dt)), torch.log(torch.linspace(*a_range, heads))
 
 
 class HeadRMSNorm(nn.Module):
