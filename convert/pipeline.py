@@ -432,6 +432,35 @@ def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
     return result
 
 
+def build_student(recipe: Recipe, source: str, teacher, layers: list[int], all_rows: dict):
+    """The converted student, its LoRA targets checked before any training, its attention sinks and output norms
+    calibrated on the first stage's rows -> (student, what was calibrated: part of the conversion's fingerprint)."""
+    student = convert(teacher, recipe.convert.mixer.model_dump(), layers, recipe.convert.attention_window,
+                      recipe.convert.uses_attention_sink)
+    for i, stage in enumerate(recipe.stages):   # before any training: LoRA targets that match nothing
+        if getattr(stage, "trainable", None) == "lora":
+            try:
+                check_lora_targets(student, stage.lora.target_modules)
+            except ValueError as e:
+                raise RecipeError(f"{source}: stages[{i}].lora.target_modules: {e}") from None
+    if recipe.convert.calibrates_sinks and recipe.stages:
+        rows = all_rows[0][0]
+        n = calibrate_attention_sinks(student, rows.select(range(min(SINK_CALIBRATION_ROWS, len(rows)))),
+                                      recipe.stages[0].batch_size)
+        log.info("attention sinks: the teacher's mean first-token key/value over %d sequence starts", n)
+    elif recipe.convert.calibrates_sinks:
+        log.warning("attention sinks start from zeros: no stage data to calibrate them on")
+    calibrated = {}
+    if recipe.stages:
+        rows = all_rows[0][0]
+        n = calibrate_output_norms(student, rows.select(range(min(OUTPUT_NORM_CALIBRATION_ROWS, len(rows)))),
+                                   recipe.stages[0].batch_size)
+        if n:
+            calibrated["output_norms"] = OUTPUT_NORM_CALIBRATION_ROWS
+            log.info("mixer output norms: gain and bias fitted to the teacher's attention output over %d tokens", n)
+    return student, calibrated
+
+
 class Evaluation:
     """The recipe's ``eval:`` at each evaluation point of a run (the teacher, the student after conversion, after
     each stage, the final student), on the models it is handed; ``run`` and ``convert eval`` share it.
@@ -458,6 +487,16 @@ class Evaluation:
             return {}
         return self._cached(f"tasks_{point}", partial(evaluate_tasks, model, self.tokenizer, self.recipe, self.out,
                                                       point, saved_path))
+
+    def after_stage(self, student, i: int, saved_path: str | None) -> dict:
+        """A stage's point: held-out perplexity, and lm-eval if ``tasks_at`` names stages (or this is the last
+        stage and it names the student: ``saved_path`` is where that student will be saved)."""
+        point = {"perplexity": perplexity(student, self.windows, self.recipe.eval.batch_size)}
+        last = i == len(self.recipe.stages) - 1
+        if "stages" in self.recipe.eval.tasks_at or (last and "student" in self.recipe.eval.tasks_at):
+            point["tasks"] = (evaluate_tasks(student, self.tokenizer, self.recipe, self.out, f"after_stage_{i}",
+                                             saved_path if last else None) if self.main else {})
+        return point
 
     def teacher(self, teacher, location: str) -> dict:
         """The teacher's point: perplexity, tasks (if ``tasks_at`` names it), speed rows and passkey."""
@@ -497,6 +536,54 @@ def publish(report: dict, out: Path) -> None:
     print_summary(report)
 
 
+def run_stages(recipe: Recipe, source: str, student, all_rows: dict, fingerprint: str, layers: list[int],
+               evaluation: "Evaluation", timings: dict):
+    """Every stage of the recipe in order, each run by its registered runner (``STAGE_RUNNERS``) and evaluated
+    after it; a stage that finished before with the same fingerprint restores its final weights instead.
+    -> (student, stage summaries, mixer layers (``keep_attention: auto`` may give some back), the budget curve's
+    starting point or None)."""
+    out, device, main = evaluation.out, evaluation.device, evaluation.main
+    curve_start = None
+    stages = []
+    for i, stage in enumerate(recipe.stages):
+        rows, held, tokenized = all_rows[i]
+        fingerprint = stage_fingerprint(recipe, i, fingerprint, rows)
+        stage_dir = out / "stages" / f"{i}-{stage.name}"
+        done = completed_stage(stage_dir, fingerprint)
+        log.info("stage %d (%s): %d rows of %d tokens%s", i, stage.name, len(rows), stage.seq_len,
+                 " (done before: weights restored from its last checkpoint, nothing retrained)" if done else "")
+        try:
+            # a finished stage resumes from its final checkpoint: weights restored, no step taken again
+            student, summary = STAGE_RUNNERS[stage.name](student, stage, rows, None if done else held, stage_dir,
+                                                         train_options(stage, recipe, device, fingerprint))
+        except (NonFiniteError, ResumeError) as e:
+            raise RecipeError(f"{source}: stages[{i}]: {e}") from None
+        student.eval()
+        stage_key = fingerprint
+        if done:
+            summary = done
+        if recipe.budget_curve and i == recipe.budget_curve.after_stage:
+            import copy
+            curve_start = (copy.deepcopy(student), summary, held, fingerprint)
+        if i == 0 and isinstance(recipe.convert.keep_attention, AutoKeep):
+            kept = auto_keep_layers(summary["layer_errors"], recipe.convert.keep_attention)
+            student = restore_attention(student, kept)
+            layers = list(student.config.mixer_layers)
+            summary["keep_attention_auto"] = {"by": recipe.convert.keep_attention.by, "kept": kept}
+            fingerprint = hashlib.sha256(f"{fingerprint}|kept={kept}".encode()).hexdigest()[:16]   # later stages
+            log.info("keep_attention auto: layers %s keep softmax attention (highest %s after stage 0)",
+                     kept, recipe.convert.keep_attention.by)
+        if not done:
+            t0 = time.perf_counter()
+            summary.update(evaluation.after_stage(student, i, str((out / "student").resolve())))
+            summary["documents_tokenized"] = tokenized   # 0: its rows came from the rows cache
+            timings[f"eval_after_stage_{i}_s"] = time.perf_counter() - t0
+            if main:
+                write_json_atomically(stage_dir / DONE_FILE, {"fingerprint": stage_key, "summary": summary})
+        stages.append(summary)
+    return student, stages, layers, curve_start
+
+
 def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -532,29 +619,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     timings["load_teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    student = convert(teacher, recipe.convert.mixer.model_dump(), layers, recipe.convert.attention_window,
-                      recipe.convert.uses_attention_sink)
-    for i, stage in enumerate(recipe.stages):   # before any training: LoRA targets that match nothing
-        if getattr(stage, "trainable", None) == "lora":
-            try:
-                check_lora_targets(student, stage.lora.target_modules)
-            except ValueError as e:
-                raise RecipeError(f"{recipe_path}: stages[{i}].lora.target_modules: {e}") from None
-    if recipe.convert.calibrates_sinks and recipe.stages:
-        rows = all_rows[0][0]
-        n = calibrate_attention_sinks(student, rows.select(range(min(SINK_CALIBRATION_ROWS, len(rows)))),
-                                      recipe.stages[0].batch_size)
-        log.info("attention sinks: the teacher's mean first-token key/value over %d sequence starts", n)
-    elif recipe.convert.calibrates_sinks:
-        log.warning("attention sinks start from zeros: no stage data to calibrate them on")
-    calibrated = {}
-    if recipe.stages:
-        rows = all_rows[0][0]
-        n = calibrate_output_norms(student, rows.select(range(min(OUTPUT_NORM_CALIBRATION_ROWS, len(rows)))),
-                                   recipe.stages[0].batch_size)
-        if n:
-            calibrated["output_norms"] = OUTPUT_NORM_CALIBRATION_ROWS
-            log.info("mixer output norms: gain and bias fitted to the teacher's attention output over %d tokens", n)
+    student, calibrated = build_student(recipe, recipe_path, teacher, layers, all_rows)
     timings["convert_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -571,47 +636,8 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     generation_config = teacher.generation_config
     del teacher   # from here on the teacher is the student's own attention (teacher_attention())
 
-    stages = []
-    for i, stage in enumerate(recipe.stages):
-        rows, held, tokenized = all_rows[i]
-        fingerprint = stage_fingerprint(recipe, i, fingerprint, rows)
-        stage_dir = out / "stages" / f"{i}-{stage.name}"
-        done = completed_stage(stage_dir, fingerprint)
-        log.info("stage %d (%s): %d rows of %d tokens%s", i, stage.name, len(rows), stage.seq_len,
-                 " (done before: weights restored from its last checkpoint, nothing retrained)" if done else "")
-        try:
-            # a finished stage resumes from its final checkpoint: weights restored, no step taken again
-            student, summary = STAGE_RUNNERS[stage.name](student, stage, rows, None if done else held, stage_dir,
-                                                         train_options(stage, recipe, device, fingerprint))
-        except (NonFiniteError, ResumeError) as e:
-            raise RecipeError(f"{recipe_path}: stages[{i}]: {e}") from None
-        student.eval()
-        stage_key = fingerprint
-        if done:
-            summary = done
-        if recipe.budget_curve and i == recipe.budget_curve.after_stage:
-            import copy
-            curve_start = (copy.deepcopy(student), summary, held, fingerprint)
-        if i == 0 and isinstance(recipe.convert.keep_attention, AutoKeep):
-            kept = auto_keep_layers(summary["layer_errors"], recipe.convert.keep_attention)
-            student = restore_attention(student, kept)
-            layers = list(student.config.mixer_layers)
-            summary["keep_attention_auto"] = {"by": recipe.convert.keep_attention.by, "kept": kept}
-            fingerprint = hashlib.sha256(f"{fingerprint}|kept={kept}".encode()).hexdigest()[:16]   # later stages
-            log.info("keep_attention auto: layers %s keep softmax attention (highest %s after stage 0)",
-                     kept, recipe.convert.keep_attention.by)
-        if not done:
-            t0 = time.perf_counter()
-            summary["perplexity"] = perplexity(student, windows, recipe.eval.batch_size)
-            summary["documents_tokenized"] = tokenized   # 0: its rows came from the rows cache
-            last = i == len(recipe.stages) - 1
-            if "stages" in recipe.eval.tasks_at or (last and "student" in recipe.eval.tasks_at):
-                summary["tasks"] = evaluate_tasks(student, tokenizer, recipe, out, f"after_stage_{i}",
-                                                  str((out / "student").resolve()) if last else None) if main else {}
-            timings[f"eval_after_stage_{i}_s"] = time.perf_counter() - t0
-            if main:
-                write_json_atomically(stage_dir / DONE_FILE, {"fingerprint": stage_key, "summary": summary})
-        stages.append(summary)
+    student, stages, layers, curve_start = run_stages(recipe, recipe_path, student, all_rows, fingerprint, layers,
+                                                      evaluation, timings)
     ppl["student"] = stages[-1]["perplexity"] if stages else ppl["student_after_init"]
     student_tasks = None
     if "student" in recipe.eval.tasks_at and main:
