@@ -98,7 +98,10 @@ def model_card(report: dict, student_dir: Path, sections: dict, repo_id: str | N
             'ids = tok("The recurrent state", return_tensors="pt")',
             "print(tok.decode(model.generate(**ids, max_new_tokens=32)[0]))", "```", "",
             "Generation runs through transformers' own cache: recurrent layers keep a fixed-size state, so memory "
-            "per converted layer does not grow with the context.", "",
+            "per converted layer does not grow with the context. The folder needs only torch and transformers: "
+            "with rnnify installed the recurrences run on its kernels (Triton on CUDA), without it on "
+            "flash-linear-attention's kernels on CUDA when `fla-core` is installed, else on the PyTorch forms "
+            "bundled here (`rnnify_ops.py`); the `rnnify` logger says which.", "",
             "## Teacher", "", teacher_section(report), "",
             "## Teacher vs student", "", sections["perplexity"]]
     if sections["tasks"]:

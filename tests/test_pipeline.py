@@ -257,7 +257,9 @@ def test_export_writes_a_model_card_and_pushes_to_the_hub_endpoint(run_dir, tmp_
     commit = next(r for r in hub.requests if "/commit/" in r[1])
     lines = [json.loads(x) for x in commit[3].decode().splitlines()]
     uploaded = {x["value"]["path"]: x["value"] for x in lines if x["key"] == "file"}
-    assert {"README.md", "config.json", "model.safetensors", "modeling_rnnify.py", "rnnify_ops.py"} <= set(uploaded)
+    assert {"README.md", "config.json", "model.safetensors", "modeling_rnnify.py", "rnnify_ops.py", "rnnify_common.py",
+            "rnnify_fla.py"} <= set(uploaded)
+    assert "the `rnnify` logger says which" in card   # which kernels an exported student runs is not silent
     assert base64.b64decode(uploaded["README.md"]["content"]).decode() == card
 
 
