@@ -26,6 +26,7 @@ logger = logging.getLogger("kernels")
 ENV_VAR = "RNNIFY_KERNELS_BACKEND"
 BACKENDS = ("torch", "triton", "fla")
 _announced: set[tuple[str, str, str]] = set()
+_defaults: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 def triton_available() -> bool:
@@ -76,8 +77,11 @@ def select_backend(op: str, x: torch.Tensor, backend: str | None) -> str:
     choice = backend or os.environ.get(ENV_VAR)
     source = "backend=" if backend else f"${ENV_VAR}="
     why = source.rstrip("=")
-    if choice is None:
-        choice, why = default_backend(op, x)
+    if choice is None:   # decided once per (op, device): every decode step of every layer asks
+        key = (op, str(x.device))
+        if key not in _defaults:
+            _defaults[key] = default_backend(op, x)
+        choice, why = _defaults[key]
     if choice not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {source}{choice!r}; available: {', '.join(BACKENDS)}")
     if choice == "triton":
