@@ -194,7 +194,7 @@ class Hedgehog(Mixer):
         k_ext, v_ext = cache.update(k.transpose(1, 2), v1.transpose(1, 2), self.layer_idx)   # [B,Hkv,N,·]
         N = k_ext.shape[2]
         k_ext, v_ext = k_ext.float(), v_ext.float()
-        qf = q.float().view(B, H, 1, D)
+        qf = q.float().reshape(B, H, 1, D)
         logits = qf @ c["query"]                                                         # [B,H,1,2F(+1)]
         phi_q = logits[..., :F2].view(B, H, 2, -1).softmax(-1).view(B, H, 1, F2)
         lin = phi_q @ state                                                              # [B,H,1,Dv+1]
