@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import decay_scalar, decay_vector, delta  # noqa: E402
 from kernels.torch_ops import DEFAULT_CHUNK  # noqa: E402
+from store import write_json_atomically  # noqa: E402
 
 OPS = {"decay_scalar": decay_scalar, "decay_vector": decay_vector, "delta": delta}
 
@@ -167,9 +168,7 @@ def record(device_name: str, choice: dict[str, str]) -> Path:
     table = json.loads(path.read_text()) if path.exists() else {}
     table[device_name] = {**table.get(device_name, {}), **choice}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-    tmp.replace(path)
+    write_json_atomically(path, table)
     return path
 
 

@@ -18,9 +18,7 @@ import importlib
 import importlib.util
 import inspect
 
-import torch
-
-from .common import check_inputs, expand_kv_heads
+from .common import check_inputs, expand_kv_heads, run_varlen
 
 FORMS = {
     "decay_scalar": {"chunk": "fla.ops.simple_gla:chunk_simple_gla",
@@ -73,28 +71,22 @@ def call(fn, kw: dict):
     if "scale" not in params:   # fla's default is Dk^-½: fold the rest into q
         q = kw["q"]
         kw["q"] = q * (kw.pop("scale") / q.shape[-1] ** -0.5)
-    cu_seqlens = kw.get("cu_seqlens")
-    if cu_seqlens is not None and "cu_seqlens" not in params:
-        kw.pop("cu_seqlens")
-        return _per_sequence(fn, kw, cu_seqlens)
     o, state = fn(**kw)
     return o, (state if kw["output_final_state"] else None)
 
 
-def _per_sequence(fn, kw, cu_seqlens):
-    outs, states = [], []
-    bounds = cu_seqlens.tolist()
-    init = kw.pop("initial_state")
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        part = {name: (x[:, s:e] if isinstance(x, torch.Tensor) else x) for name, x in kw.items()}
-        part["initial_state"] = None if init is None else init[i:i + 1]
-        o, state = fn(**part)
-        outs.append(o)
-        states.append(state)
-    return torch.cat(outs, dim=1), (torch.cat(states) if kw["output_final_state"] else None)
+def run(op: str, form: str, q, k, v, log_decay, beta=None, *, initial_state=None, output_final_state=False,
+        cu_seqlens=None, scale=None):
+    """``op`` on fla's ``form``, in our calling convention: (o [B,T,H,Dv] in q's dtype, final state fp32 | None).
+    A form that takes no ``cu_seqlens`` runs once per packed sequence."""
+    fn = function(op, form)
 
+    def one(q, k, v, log_decay, beta, initial_state, output_final_state, cu_seqlens=None):
+        return call(fn, arguments(op, q, k, v, log_decay, beta, initial_state=initial_state,
+                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, scale=scale))
 
-def run(op: str, form: str, q, k, v, log_decay, beta=None, **kw):
-    """``op`` on fla's ``form``, in our calling convention: (o [B,T,H,Dv] in q's dtype, final state fp32 | None)."""
-    o, state = call(function(op, form), arguments(op, q, k, v, log_decay, beta, **kw))
+    if cu_seqlens is not None and "cu_seqlens" not in inspect.signature(fn).parameters:
+        o, state = run_varlen(one, q, k, v, log_decay, beta, initial_state, output_final_state, cu_seqlens)
+    else:
+        o, state = one(q, k, v, log_decay, beta, initial_state, output_final_state, cu_seqlens)
     return o.to(q.dtype), (None if state is None else state.float())

@@ -79,17 +79,16 @@ def _next_state(b_S, b_k, b_v, b_b, b_last, PREC: tl.constexpr):
 
 
 @triton.jit
-def _intra_scores(b_q, b_k, b_b, b_s, causal, SCALAR: tl.constexpr, PREC: tl.constexpr):
-    """A[t, j] = Σ_c q_tc k_jc e^{b_tc - b_jc} for j <= t, else 0 (scalar decays: one matmul)."""
-    if SCALAR:
-        return tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * _pair_decay(b_s, causal)
-    return tl.sum(b_q[:, None, :] * b_k[None, :, :] * _pair_decay3(b_b, causal), axis=2)
+def _intra_scores_scalar(b_q, b_k, b_s, causal, PREC: tl.constexpr):
+    """A[t, j] = q_t·k_j e^{b_t - b_j} for j <= t, else 0 (scalar decays: one matmul)."""
+    return tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * _pair_decay(b_s, causal)
 
 
 @triton.jit
 def _intra_scores_vector(q, k, g, rows, row_mask, i_h, i_kv, H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr,
                          o_t, causal, BT: tl.constexpr, BKS: tl.constexpr):
-    """``_intra_scores`` for per-channel decays, accumulated over key blocks of BKS channels: [BT, BT]."""
+    """A[t, j] = Σ_c q_tc k_jc e^{b_tc - b_jc} for j <= t, else 0 (per-channel decays), accumulated over key
+    blocks of BKS channels: [BT, BT]."""
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BKS)):
         o_ks = i_k * BKS + tl.arange(0, BKS)
@@ -144,7 +143,7 @@ def _fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, T,
         b_v = _load_chunk(v, rows, m_t, i_kv, HKV, V, o_v, m_v)
         b_b, b_last, b_s = _decays(g, rows, m_t, i_h, H, K, o_k, m_k, o_t, BT, BK, SCALAR)
         if SCALAR:
-            b_A = _intra_scores(b_q, b_k, b_b, b_s, causal, SCALAR, PREC)
+            b_A = _intra_scores_scalar(b_q, b_k, b_s, causal, PREC)
         else:
             b_A = _intra_scores_vector(q, k, g, rows, m_t, i_h, i_kv, H, HKV, K, o_t, causal, BT, BKS)
         b_o = tl.dot(b_q * tl.exp(b_b), b_S, input_precision=PREC) + tl.dot(b_A, b_v, input_precision=PREC)
@@ -221,7 +220,7 @@ def _bwd_dkv_kernel(q, k, v, g, do, dk, dk_intra, dv, dht, dh0, cu_seqlens, scal
         b_do = _load_chunk(do, rows, m_t, i_h, H, V, o_v, m_v) * scale
         b_b, b_last, b_s = _decays(g, rows, m_t, i_h, H, K, o_k, m_k, o_t, BT, BK, SCALAR)
         if SCALAR:
-            b_A = _intra_scores(b_q, b_k, b_b, b_s, causal, SCALAR, PREC)                      # [t, j]
+            b_A = _intra_scores_scalar(b_q, b_k, b_s, causal, PREC)                            # [t, j]
         else:
             b_A = _intra_scores_vector(q, k, g, rows, m_t, i_h, i_kv, H, HKV, K, o_t, causal, BT, BKS)
         b_kd = b_k * tl.exp(b_last[None, :] - b_b)                                         # k_j e^{b_last - b_j}

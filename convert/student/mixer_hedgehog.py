@@ -171,7 +171,7 @@ class Hedgehog(Mixer):
         consts = {"feature_k": torch.cat([fk, -fk], dim=-1),
                   "share": torch.sigmoid(self.window_factor.float())[:, None, None]}
         if hasattr(self, "rnnify_sink_key"):
-            sink_key = self.expand(self.rnnify_sink_key.float()[None, None])[0, 0]              # [H, D]
+            sink_key, _ = self._sink()                                                            # [H, D]
             query.append(sink_key[..., None] * self.attn.scaling)
             value = self.rnnify_sink_value.float()
             consts["sink_value"] = torch.cat([value, torch.ones_like(value[:, :1])], dim=-1)[:, None]
