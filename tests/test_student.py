@@ -287,7 +287,7 @@ def test_attention_window_bounds_kept_layers_and_matches_its_own_cache(mixer):
         assert (kept_only(long).logits[:, 6:] - teacher(long).logits[:, 6:]).abs().max() > 1e-3   # beyond: windowed
     out = student.generate(ids[:1, :10], max_new_tokens=12, min_new_tokens=12, do_sample=False,
                            return_dict_in_generate=True, pad_token_id=0)
-    assert out.past_key_values.layers[1].keys.shape[-2] <= 6   # the kept layer caches at most its window
+    assert out.past_key_values.layers[1].keys.shape[-2] <= 6 + 1   # at most its window (+ the sink's slot)
 
 
 @pytest.mark.parametrize("T, W, H, Hkv", [(19, 6, 4, 2), (24, 6, 2, 2), (7, 6, 3, 1)])
@@ -351,13 +351,14 @@ import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 's')!r}, trust_remote_code=True)
 out = m.generate(torch.tensor([[1, 2, 3, 4, 5, 6]]), return_dict_in_generate=True, **{kw!r})
-print(m.config.layer_types[1], out.past_key_values.layers[1].keys.shape[-2], m.config.attention_sink)
+layer = out.past_key_values.layers[1]
+print(m.config.layer_types[1], type(layer).__name__, layer.keys.shape[-2], m.config.attention_sink)
 print(out.sequences[0].tolist())
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     kinds, tokens = res.stdout.strip().splitlines()[-2:]
-    assert kinds.split() == ["chunked_attention", "3", "True"]
+    assert kinds.split() == ["chunked_attention", "WindowRing", "5", "True"]   # decoded over 4 slots + the sink's
     assert tokens == str(here)   # the sink's weights came back with the model
 
 
@@ -425,6 +426,36 @@ def test_windowed_decode_step_equals_the_general_form_and_follows_parameter_chan
         q, k, v1, self.feature_map(q, self.feature_q), cache))
     general = decode(student())
     torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-4)
+
+
+def test_windowed_decode_ring_survives_continuation_and_batch_reordering():
+    """Decoding keeps a windowed layer's window as a ring of slots; a multi-token call after decoding (the ring
+    back in order) and a beam-style reordering of the batch (applied to the ring as is) continue it exactly.
+    The prompt is shorter than the window: no key has left it yet when decoding starts."""
+    student = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 4, "sink": True},
+                                       [0, 2], attention_window=6, attention_sink=True))
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(5))
+    swapped = torch.tensor([1, 0])
+    with torch.no_grad():
+        full = student(ids, use_cache=False).logits
+        out = student(ids[:, :3], use_cache=True)
+        parts = [out.logits]
+        for t in range(3, 12):   # fills the ring and wraps it
+            out = student(ids[:, t:t + 1], cache=out.cache, use_cache=True)
+            parts.append(out.logits)
+        layer = out.cache.layers[0]
+        assert layer.keys.shape[2] == layer.values.shape[2] == 4 + 1   # W slots + the sink's
+        out = student(ids[:, 12:17], cache=out.cache, use_cache=True)   # the ring back in order
+        parts.append(out.logits)
+        assert layer.keys.shape[2] == 4 - 1
+        for t in range(17, 23):
+            out = student(ids[:, t:t + 1], cache=out.cache, use_cache=True)
+            parts.append(out.logits)
+        out.cache.reorder_cache(swapped)
+        for t in range(23, 30):
+            out = student(ids[swapped, t:t + 1], cache=out.cache, use_cache=True)
+            parts.append(out.logits[swapped])
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
 
 
 def test_calibrated_sink_stands_in_exactly_for_the_first_token():

@@ -14,6 +14,13 @@ caching the real first token, each windowed layer holds one constant key/value p
 (``rnnify_sink_key``/``rnnify_sink_value``, calibrated to the teacher's mean first-token key/value and
 trainable) that every query at position >= W sees in place of position 0: no cache entry, no dependence on
 padding.
+
+Decoding (``WindowRing``).  One token at a time, a kept windowed layer's cache is a ring of W slots plus one for
+the sink instead of an ordered list: position p sits in slot p mod W and the new token overwrites the oldest, in
+place.  Softmax attention does not depend on the order of its keys, so attention over the ring is attention over
+the window; the sink needs no concatenation and the window is never copied.  Which slots are seen (filled, not
+padding; the sink once a query is W tokens in) is the same for every kept layer, so the model builds that bias
+once per step (``ring_bias``) and hands it to every layer as its mask (``RingMask``).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 WINDOWED_IMPLEMENTATION = "rnnify_windowed"
@@ -102,6 +110,90 @@ def sink_attention(module, query, key, value, attention_mask, position_ids, wind
     return out.transpose(1, 2)
 
 
+class WindowRing(DynamicSlidingWindowLayer):
+    """A kept windowed layer's cache while decoding: keys/values [B, Hkv, W+1, D], position p in slot p mod W,
+    slot W the sink (see module doc).  Built from transformers' ordered sliding layer by ``from_ordered`` and turned
+    back by ``to_ordered`` before a multi-token call; batch operations (beam reordering, selection) apply as is."""
+
+    @classmethod
+    def from_ordered(cls, layer: DynamicSlidingWindowLayer) -> "WindowRing":
+        ring = cls(layer.sliding_window)
+        ring.__dict__.update({k: v for k, v in vars(layer).items() if k not in ("keys", "values")})
+        W, t = layer.sliding_window, layer.cumulative_length
+        keys, values = layer.keys, layer.values                      # positions t-n .. t-1
+        B, Hkv, n, D = keys.shape
+        slots = torch.arange(t - n, t, device=keys.device) % W
+        ring.keys = keys.new_zeros(B, Hkv, W + 1, D)
+        ring.values = values.new_zeros(B, Hkv, W + 1, values.shape[-1])
+        ring.keys[:, :, slots], ring.values[:, :, slots] = keys, values
+        return ring
+
+    def to_ordered(self) -> DynamicSlidingWindowLayer:
+        """transformers' sliding layer holding the last W-1 tokens in order."""
+        layer = DynamicSlidingWindowLayer(self.sliding_window)
+        layer.__dict__.update({k: v for k, v in vars(self).items() if k not in ("keys", "values")})
+        if self.is_initialized:
+            W, t = self.sliding_window, self.cumulative_length
+            n = min(t, W - 1)
+            slots = torch.arange(t - n, t, device=self.keys.device) % W
+            layer.keys, layer.values = self.keys[:, :, slots], self.values[:, :, slots]
+        return layer
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Write the new token (k/v [B, Hkv, 1, D]) over the oldest slot; returns the whole ring [B, Hkv, W+1, D]."""
+        if key_states.shape[-2] != 1:
+            raise RuntimeError("WindowRing takes one token per step; the student turns it back into an ordered "
+                               "window (to_ordered) before a multi-token call")
+        slot = self.cumulative_length % self.sliding_window
+        self.keys[:, :, slot] = key_states[:, :, 0]
+        self.values[:, :, slot] = value_states[:, :, 0]
+        self.cumulative_length += 1
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a decoding ring cannot be cropped; turn it back first: cache.layers[i] = layer.to_ordered()")
+
+
+class RingMask:
+    """The mask of kept windowed layers while decoding over ``WindowRing`` caches: ``bias`` [B, 1, 1, W+1]
+    (0 seen, -inf not), the same for every such layer in a step."""
+
+    def __init__(self, bias: torch.Tensor):
+        self.bias = bias
+
+
+def ring_bias(cached: int, window: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+              sink: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Which ring slots the next token (cache index ``cached``) sees once written: slot j holds the latest position
+    p <= cached with p = j mod W, seen if p >= 0 and not padding (2D ``attention_mask`` [B, >= cached+1]); the
+    sink slot is seen from position W on (``position_ids`` [B, 1]: real tokens only).  -> bias [B, 1, 1, W+1]."""
+    device = position_ids.device
+    slot = torch.arange(window, device=device)
+    held = cached - (cached - slot) % window                                     # [W]
+    seen = (held >= 0)[None]                                                      # [1, W]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        seen = seen & attention_mask[:, held.clamp(min=0)].bool()                 # [B, W]
+    sees_sink = position_ids[:, -1:] >= window
+    if not sink:
+        sees_sink = torch.zeros_like(sees_sink)
+    seen = torch.cat([seen.expand(sees_sink.shape[0], -1), sees_sink], dim=-1)
+    return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))[:, None, None]
+
+
+def ring_attention(module, query, key, value, mask: RingMask, scaling, sink) -> torch.Tensor:
+    """One query per row over a ``WindowRing``: q [B, H, 1, D], k/v [B, Hkv, W+1, D] -> [B, 1, H, D].  The sink's
+    key/value go into slot W when the ring is new to this module or the sink parameters changed."""
+    if sink is not None:
+        W = key.shape[2] - 1
+        stamp = (key.data_ptr(), sink[0].data_ptr(), sink[0]._version, sink[1].data_ptr(), sink[1]._version)
+        if module.__dict__.get("_rnnify_ring_stamp") != stamp:
+            key[:, :, W], value[:, :, W] = sink[0].detach(), sink[1].detach()
+            module.__dict__["_rnnify_ring_stamp"] = stamp
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.bias, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
 def windowed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                scaling: float | None = None, **kwargs):
     """transformers' attention-interface signature; ``module.config`` carries the window and the base kind."""
@@ -113,6 +205,8 @@ def windowed_attention_forward(module, query, key, value, attention_mask, dropou
         capture.append((key.transpose(1, 2)[first].detach(), value.transpose(1, 2)[first].detach()))
     sink = (module.rnnify_sink_key, module.rnnify_sink_value) if window and hasattr(module, "rnnify_sink_key") \
         else None
+    if isinstance(attention_mask, RingMask):
+        return ring_attention(module, query, key, value, attention_mask, scaling, sink), None
     if isinstance(attention_mask, BlockedWindow):
         if key.shape[-2] != query.shape[-2]:
             raise RuntimeError(f"blocked window attention needs as many keys as queries (got {key.shape[-2]} keys "

@@ -69,9 +69,9 @@ class Hedgehog(Mixer):
         v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)                 # [B,T,Hkv,Dv+1]: values, then 1
         if valid is not None:                                             # padded tokens add nothing
             v1 = v1 * valid[:, :, None, None].to(v1.dtype)
-        if self.window and q.shape[1] == 1 and packed is None:
+        if self.window and q.shape[1] == 1 and packed is None and not torch.is_grad_enabled():
             state = self.read_state(cache)
-            if state is not None:
+            if state is not None and not cache.layers[self.layer_idx].record_past:
                 return self._decode_windowed(q, k, v1, state, cache)
         phi_q = self.feature_map(q, self.feature_q)
         if not self.window:
@@ -154,74 +154,126 @@ class Hedgehog(Mixer):
         return out.reshape(B, nb * W, H, -1)[:, :T]
 
     def _decode_constants(self, cache) -> dict:
-        """Parameter-derived tensors of the decode step: per query head one [D, 2F+1] matrix that gives ±qW
-        (the feature map's logits) and the sink's score in one matmul; the sink's value with its normaliser
-        [Hkv, 1, Dv+1]; ±W of the key feature map [H, D, 2F]; the window share [H, 1, 1].  Built once per
-        cache (one generation) and again if a parameter changes in place meanwhile; with gradients on, built
-        every step so that they carry autograd."""
-        params = [p for p in (self.feature_q, self.feature_k, getattr(self, "window_factor", None),
-                              getattr(self, "rnnify_sink_key", None), getattr(self, "rnnify_sink_value", None))
-                  if p is not None]
-        versions = tuple((p.data_ptr(), p._version) for p in params)
+        """Parameter-derived tensors of the decode step, built once per cache (one generation) and again if a
+        parameter changes in place meanwhile: ±W of the query feature map [H, D, 2F] and of the key feature map
+        grouped by KV head [Hkv, D, G·2F], the window share [H, 1, 1], the sink's key [Hkv, D] and value with
+        its normaliser [Hkv, Dv+1] (with a sink)."""
+        params = self.__dict__.get("_decode_params")
+        if params is None:
+            params = [p for name, p in self.named_parameters(recurse=False)]   # this mixer's own: φ, share, sink
+            self.__dict__["_decode_params"] = params
+        versions = [(p.data_ptr(), p._version) for p in params]
         cached = self.__dict__.get("_decode_cache")
-        if cached is not None and cached[0]() is cache and cached[1] == versions and not torch.is_grad_enabled():
+        if cached is not None and cached[0]() is cache and cached[1] == versions:
             return cached[2]
         fq, fk = self.feature_q.float(), self.feature_k.float()
-        query = [fq, -fq]
-        consts = {"feature_k": torch.cat([fk, -fk], dim=-1),
+        H, D, F = fk.shape
+        Hkv = self.num_kv_heads
+        fk = torch.cat([fk, -fk], dim=-1).view(Hkv, H // Hkv, D, 2 * F).transpose(1, 2).reshape(Hkv, D, -1)
+        consts = {"feature_q": torch.cat([fq, -fq], dim=-1), "feature_k": fk,
                   "share": torch.sigmoid(self.window_factor.float())[:, None, None]}
         if hasattr(self, "rnnify_sink_key"):
-            sink_key, _ = self._sink()                                                            # [H, D]
-            query.append(sink_key[..., None] * self.attn.scaling)
             value = self.rnnify_sink_value.float()
-            consts["sink_value"] = torch.cat([value, torch.ones_like(value[:, :1])], dim=-1)[:, None]
-        consts["query"] = torch.cat(query, dim=-1)
-        if not torch.is_grad_enabled():
-            self.__dict__["_decode_cache"] = (weakref.ref(cache), versions, consts)
+            consts["sink_key"] = self.rnnify_sink_key.float()
+            consts["sink_value"] = torch.cat([value, torch.ones_like(value[:, :1])], dim=-1)
+        self.__dict__["_decode_cache"] = (weakref.ref(cache), versions, consts)
         return consts
 
-    def _decode_windowed(self, q, k, v1, state, cache):
-        """One new token over a cache (T == 1): the same sums as ``_mix_windowed`` in as few ops as the math
-        allows, for decoding.
+    # -- decoding over a ring of window slots ---------------------------------------------------------------
+    # While decoding, a windowed layer's cache holds its window as a ring instead of an ordered list: keys
+    # [B, Hkv, W+1, D] and values with their normaliser [B, Hkv, W+1, Dv+1] in fp32, position p in slot p mod W,
+    # the sink in slot W.  A slot's score bias is log(normaliser): 0 for a real key, -inf for padding, an empty
+    # slot, or the sink before a key has left the window (its row is zero until then).  A softmax over the window
+    # does not depend on the order of its keys, so a step writes one slot in place (no copy of the window, no
+    # sink concatenated, no mask built) and the shapes stay the same at every step.  Transformers' cache
+    # operations on the batch dimension (beam reordering, batch selection) apply to the ring unchanged; a
+    # multi-token call turns it back into the ordered window first (``_ring_to_ordered``).
 
-        q [B,1,H,D], k [B,1,Hkv,D], v1 [B,1,Hkv,Dv+1], state [B,H,2F,Dv+1] -> [B,1,H,Dv].  Heads stay grouped
-        ([B·Hkv, G, ·], G = H/Hkv) so cached keys are never copied per query head; the window is every cached key
-        (the cache keeps the last W−1 and the new one), the sink one more key, seen once a key has left."""
+    def _is_ring(self, layer) -> bool:
+        # an ordered window holds at most W-1 keys (unless the cache records the past: then it never rings)
+        return layer.is_initialized and not layer.record_past and layer.keys.shape[2] == self.window + 1
+
+    @staticmethod
+    def _push_slot(layer, state, slot: int, feature_k) -> None:
+        """The key in ``slot`` leaves the window: φ(k) v enters the recurrent state [B, H, 2F, Dv+1] in place,
+        heads grouped by KV head (``feature_k`` [Hkv, D, G·2F]: the G query heads' maps side by side)."""
+        B, Hkv = layer.keys.shape[:2]
+        phi_k = (layer.keys[:, :, slot, None] @ feature_k).view(B, Hkv, -1, 2, state.shape[-2] // 2).softmax(-1)
+        v_old = layer.values[:, :, slot, None].view(B * Hkv, 1, -1)
+        state.view(B * Hkv, -1, state.shape[-1]).baddbmm_(phi_k.view(B * Hkv, -1, 1), v_old)
+
+    def _write_sink(self, layer, state, consts) -> None:
+        """Slot W: the sink's key, and its value for the rows some key has left the window of (zero before)."""
+        if "sink_key" not in consts:
+            layer.rnnify_sink_all_seen = True   # no sink: slot W stays empty
+            return
+        W = self.window
+        seen = state[:, 0, 0, -1] > 0   # [B]: φ > 0, so any real key in the state makes the normaliser > 0
+        layer.keys[:, :, W] = consts["sink_key"]
+        layer.values[:, :, W] = consts["sink_value"] * seen[:, None, None]
+        layer.rnnify_sink_all_seen = bool(seen.all())
+        layer.rnnify_ring_consts = consts
+
+    def _ordered_to_ring(self, layer, state, consts) -> None:
+        keys, values = layer.keys, layer.values                  # [B, Hkv, n, ·]: positions t-n .. t-1, n < W
+        B, Hkv, n, D = keys.shape
+        W, t = self.window, layer.cumulative_length
+        slots = torch.arange(t - n, t, device=keys.device) % W
+        layer.keys = keys.new_zeros(B, Hkv, W + 1, D, dtype=torch.float32)
+        layer.values = values.new_zeros(B, Hkv, W + 1, values.shape[-1], dtype=torch.float32)
+        layer.keys[:, :, slots], layer.values[:, :, slots] = keys.float(), values.float()
+        self._write_sink(layer, state, consts)
+
+    @torch.no_grad()
+    def _ring_to_ordered(self, cache, state, dtype) -> None:
+        """Back to transformers' ordered window (the last W-1 keys; the key before them enters the state)."""
+        layer = cache.layers[self.layer_idx]
+        W, t = self.window, layer.cumulative_length
+        if t >= W:
+            self._push_slot(layer, state, t % W, self._decode_constants(cache)["feature_k"])
+        n = min(t, W - 1)
+        slots = torch.arange(t - n, t, device=layer.keys.device) % W
+        layer.keys, layer.values = layer.keys[:, :, slots].to(dtype), layer.values[:, :, slots].to(dtype)
+
+    def _decode_windowed(self, q, k, v1, state, cache):
+        """One new token over a cache (T == 1, no gradients): the same sums as ``_mix_windowed`` over the ring
+        of window slots (see above), heads grouped ([B·Hkv, G, ·], G = H/Hkv) so keys are never copied per head.
+
+        q [B,1,H,D], k [B,1,Hkv,D], v1 [B,1,Hkv,Dv+1], state [B,H,2F,Dv+1] -> [B,1,H,Dv]."""
         B, _, H, D = q.shape
-        Hkv = self.num_kv_heads
+        Hkv, W = self.num_kv_heads, self.window
         G, F2 = H // Hkv, state.shape[-2]
+        layer = cache.layers[self.layer_idx]
         c = self._decode_constants(cache)
-        k_ext, v_ext = cache.update(k.transpose(1, 2), v1.transpose(1, 2), self.layer_idx)   # [B,Hkv,N,·]
-        N = k_ext.shape[2]
-        k_ext, v_ext = k_ext.float(), v_ext.float()
+        if not self._is_ring(layer):
+            self._ordered_to_ring(layer, state, c)
+        elif layer.__dict__.get("rnnify_ring_consts") is not c:   # parameters changed in place: new sink
+            self._write_sink(layer, state, c)
+        t = layer.cumulative_length
+        slot = t % W
+        if t >= W:   # slot holds key t - W: it leaves the window now
+            self._push_slot(layer, state, slot, c["feature_k"])
+            if not layer.rnnify_sink_all_seen:
+                self._write_sink(layer, state, c)
+        keys, values = layer.keys, layer.values
+        keys[:, :, slot], values[:, :, slot] = k[:, 0], v1[:, 0]
+        layer.cumulative_length = t + 1
         qf = q.float().reshape(B, H, 1, D)
-        logits = qf @ c["query"]                                                         # [B,H,1,2F(+1)]
-        phi_q = logits[..., :F2].view(B, H, 2, -1).softmax(-1).view(B, H, 1, F2)
+        phi_q = (qf @ c["feature_q"]).view(B, H, 2, -1).softmax(-1).view(B, H, 1, F2)
         lin = phi_q @ state                                                              # [B,H,1,Dv+1]
-        # padding keys (zero normaliser column) score −inf: log 0; real ones log 1 = 0
-        scores = torch.baddbmm(v_ext[..., -1].log().view(B * Hkv, 1, N), qf.view(B * Hkv, G, D),
-                               k_ext.view(B * Hkv, N, D).transpose(1, 2), alpha=self.attn.scaling)   # [B·Hkv,G,N]
-        values = v_ext.view(B * Hkv, N, -1)
-        if "sink_value" in c:   # seen once a key has left the window: linear normaliser > 0
-            sink = logits[..., F2:].masked_fill(lin[..., -1:] <= 0, float("-inf")).view(B * Hkv, G, 1)
-            scores = torch.cat([scores, sink], dim=-1)
-            values = torch.cat([v_ext, c["sink_value"].expand(B, -1, -1, -1)], dim=2).view(B * Hkv, N + 1, -1)
-        m = scores.amax(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).min)    # all-masked rows -> 0
-        window = ((scores - m).exp() @ values).view(B, H, 1, -1)                         # [B,H,1,Dv+1]
-        if N == self.window:   # key N − W leaves the window: it enters the state for later steps
-            k_old = k_ext[:, :, :1].expand(B, Hkv, G, D).reshape(B, H, 1, D)
-            phi_k = (k_old @ c["feature_k"]).view(B * H, 2, -1).softmax(-1).view(B * H, F2, 1)
-            v_old = v_ext[:, :, :1].expand(B, Hkv, G, -1).reshape(B * H, 1, -1)
-            if torch.is_grad_enabled():
-                self.write_state(cache, torch.baddbmm(state.view(B * H, F2, -1), phi_k, v_old).view_as(state))
-            else:   # in place: the cached state is read and written once, nothing allocated
-                state.view(B * H, F2, -1).baddbmm_(phi_k, v_old)
+        bias = values[..., -1].log().view(B * Hkv, 1, W + 1)   # 0 real, -inf padding/empty/unseen sink
+        scores = torch.baddbmm(bias, qf.view(B * Hkv, G, D), keys.view(B * Hkv, W + 1, D).transpose(1, 2),
+                               alpha=self.attn.scaling)                                   # [B·Hkv,G,W+1]
+        m = scores.amax(-1, keepdim=True).clamp_(min=torch.finfo(scores.dtype).min)    # all-masked rows -> 0
+        window = ((scores - m).exp_() @ values.view(B * Hkv, W + 1, -1)).view(B, H, 1, -1)
         mixed = window if self.recurrent_off else torch.lerp(lin, window, c["share"])   # ablation: window only
         return (mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])).view(B, 1, H, -1)
 
     def _mix_windowed(self, q, k, v1, phi_q, cache, packed=None):
         B, T, H, D = q.shape
         W = self.window
+        if cache is not None and self._is_ring(cache.layers[self.layer_idx]):   # decoded before: reorder
+            self._ring_to_ordered(cache, self.read_state(cache), k.dtype)
         if cache is not None:   # sliding cache keeps the last W-1 keys; returns them + the new ones
             k_ext, v_ext = cache.update(k.transpose(1, 2), v1.transpose(1, 2), self.layer_idx)
             k_ext, v_ext = k_ext.transpose(1, 2), v_ext.transpose(1, 2)
@@ -235,8 +287,8 @@ class Hedgehog(Mixer):
         phi_k = self.feature_map(k_ext, self.feature_k)
         if packed is not None:
             # shifted sequences as below, restarted at each document; a key enters only its own document's state
-            k_sh = torch.cat([torch.zeros_like(phi_k[:, :W]), phi_k], dim=1)[:, :T]
-            v_sh = torch.cat([torch.zeros_like(v_ext[:, :W]), v_ext], dim=1)[:, :T]
+            k_sh = torch.nn.functional.pad(phi_k, (0, 0, 0, 0, W, 0))[:, :T]
+            v_sh = torch.nn.functional.pad(v_ext, (0, 0, 0, 0, W, 0))[:, :T]
             seq = packed.seq_idx
             same = torch.zeros_like(seq, dtype=torch.bool)
             if W < T:
@@ -246,11 +298,12 @@ class Hedgehog(Mixer):
                                   None, scale=1.0, packed=packed)
             new_state = None
         else:
-            # position s of the shifted sequences holds query s and key s - W; one extra step at the end
-            # pushes key N - W into the state, which then covers exactly the keys no longer cached.
+            # position s of the shifted sequences holds query s and key s - W (W zeros in front, also when N < W);
+            # one extra step at the end pushes key N - W into the state, which then covers exactly the keys no
+            # longer cached.
             q_sh = torch.cat([torch.zeros_like(phi_k[:, :P]), phi_q, torch.zeros_like(phi_q[:, :1])], dim=1)
-            k_sh = torch.cat([torch.zeros_like(phi_k[:, :W]), phi_k], dim=1)[:, :N + 1]
-            v_sh = torch.cat([torch.zeros_like(v_ext[:, :W]), v_ext], dim=1)[:, :N + 1]
+            k_sh = torch.nn.functional.pad(phi_k, (0, 0, 0, 0, W, 0))[:, :N + 1]
+            v_sh = torch.nn.functional.pad(v_ext, (0, 0, 0, 0, W, 0))[:, :N + 1]
             lin, new_state = run_chunk("decay_scalar", q_sh, k_sh, v_sh, torch.zeros(B, N + 1, H, device=q.device),
                                        initial_state=state, output_final_state=cache is not None, scale=1.0)
             lin = lin[:, P:N]

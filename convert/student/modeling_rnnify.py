@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 from transformers.masking_utils import (create_causal_mask, create_sliding_window_causal_mask,
                                        find_packed_sequence_indices)
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -29,7 +29,8 @@ from .mixer_gated_deltanet import GatedDeltaNet  # noqa: F401  (registers the mi
 from .mixer_gla import GLA  # noqa: F401
 from .mixer_hedgehog import Hedgehog  # noqa: F401
 from .mixer_mamba2 import Mamba2  # noqa: F401
-from .attention_windowed import WINDOWED_IMPLEMENTATION, BlockedWindow, add_attention_sink
+from .attention_windowed import (WINDOWED_IMPLEMENTATION, BlockedWindow, RingMask, WindowRing, add_attention_sink,
+                                 ring_bias)
 from .arch_registry import get_architecture
 from .configuration_rnnify import WINDOWED_ATTENTION, RnnifyConfig, attention_layer_types
 from .mixer_registry import Mixer, PackedSequences, get_mixer
@@ -196,6 +197,25 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             return False
         return attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
 
+    @staticmethod
+    def _window_rings(cache, T: int, layer_types: list[str]) -> bool:
+        """Kept windowed layers decode over ``WindowRing`` caches: one token per step, from a prefilled cache.
+        Turns their cache layers into rings (T == 1) or back into transformers' ordered layers (T > 1); True if
+        this step decodes over rings.  (A cache that records the past, for assisted decoding, stays ordered.)"""
+        if cache is None or not hasattr(cache, "layers"):
+            return False
+        rings = False
+        for i, kind in enumerate(layer_types):
+            layer = cache.layers[i]
+            if kind != WINDOWED_ATTENTION:
+                continue
+            if T != 1 and isinstance(layer, WindowRing):
+                cache.layers[i] = layer.to_ordered()
+            elif T == 1 and type(layer) is DynamicSlidingWindowLayer and layer.is_initialized and not layer.record_past:
+                cache.layers[i] = layer = WindowRing.from_ordered(layer)
+            rings = isinstance(layer, WindowRing) and T == 1
+        return rings
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         legacy_cache = kwargs.pop("past_key_values", None)   # the pre-5.x name of `cache`
@@ -224,6 +244,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             packed = self.packed_sequences(position_ids.expand(inputs_embeds.shape[0], -1))
         layer_types = self._teacher_layer_types if self._teacher_mode else [
             self._teacher_layer_types[i] if i in partial else kind for i, kind in enumerate(self.config.layer_types)]
+        decoding_rings = WINDOWED_ATTENTION in layer_types and self._window_rings(cache, T, layer_types)
         masks = {}
         for kind in set(layer_types):
             mask_config = self._teacher_config if self._teacher_mode or kind not in self.config.layer_types \
@@ -231,6 +252,11 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             first = layer_types.index(kind)   # the cache layer whose length/offset the mask must follow
             if kind == WINDOWED_ATTENTION and self._blocked_window_applies(attention_mask, cache, packed, T):
                 masks[kind] = BlockedWindow(self.config.attention_window)
+            elif kind == WINDOWED_ATTENTION and decoding_rings:
+                first_layer = cache.layers[first]
+                masks[kind] = RingMask(ring_bias(first_layer.cumulative_length, first_layer.sliding_window,
+                                                 attention_mask, position_ids, bool(self.config.attention_sink),
+                                                 inputs_embeds.dtype))
             elif kind == WINDOWED_ATTENTION:   # kept softmax attention over the last attention_window tokens
                 windowed = copy.copy(mask_config)
                 windowed.sliding_window = self.config.attention_window
