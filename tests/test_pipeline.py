@@ -20,7 +20,7 @@ def run_dir(tmp_path_factory):
     res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
                           f"output_dir={tmp / 'out'}", "eval.max_tokens=2048",
                           "eval.tasks=[{name: piqa_offline, limit: 8}, {name: lambada_openai_offline, limit: 8}]",
-                          "eval.speed={lengths: [32, 128], new_tokens: 4}",
+                          "eval.speed={lengths: [32, 256], new_tokens: 4}",
                           "eval.recall={lengths: [96, 160], depths: [0.5], trials: 1}"],
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -80,10 +80,10 @@ def test_run_evaluates_tasks_and_speed_and_writes_the_report(run_dir):
     assert list((out / "lm_eval" / "teacher" / "piqa_offline").rglob("results_*.json"))
     assert list((out / "lm_eval" / "after_stage_1" / "piqa_offline").rglob("samples_piqa_offline_*.jsonl"))
     rows = {(r["model"], r["context"]): r for r in report["speed"]["rows"]}
-    assert rows[("teacher", 128)]["cache_mb"] > 2 * rows[("teacher", 32)]["cache_mb"]
-    # 3 of 4 layers hold a fixed-size state: the student's cache is the smaller one by 128 tokens
-    assert rows[("student", 128)]["cache_mb"] < rows[("teacher", 128)]["cache_mb"]
-    smaller_from = 32 if rows[("student", 32)]["cache_mb"] < rows[("teacher", 32)]["cache_mb"] else 128
+    assert rows[("teacher", 256)]["cache_mb"] > 2 * rows[("teacher", 32)]["cache_mb"]
+    # 3 of 4 layers hold a fixed-size state (window ring + recurrent state): the student's cache is the smaller by 256
+    assert rows[("student", 256)]["cache_mb"] < rows[("teacher", 256)]["cache_mb"]
+    smaller_from = 32 if rows[("student", 32)]["cache_mb"] < rows[("teacher", 32)]["cache_mb"] else 256
     assert report["speed"]["crossover"]["student"]["cache_mb"] == smaller_from
     text = (out / "REPORT.md").read_text()
     assert [r["context"] for r in report["recall"]["student"]] == [96, 160] and report["recall"]["teacher"]
@@ -106,7 +106,7 @@ def test_compare_puts_two_reports_side_by_side(run_dir, tmp_path):
                          text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert "| perplexity: student |" in res.stdout and "| +1.00 |" in res.stdout
-    assert "piqa_offline acc_norm: student" in res.stdout and "student cache MB at 128" in res.stdout
+    assert "piqa_offline acc_norm: student" in res.stdout and "student cache MB at 256" in res.stdout
     bad = subprocess.run([sys.executable, "-m", "convert", "compare", str(out), str(tmp_path / "nope")],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "no report.json there" in bad.stderr

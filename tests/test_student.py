@@ -458,6 +458,22 @@ def test_windowed_decode_ring_survives_continuation_and_batch_reordering():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_ring_bias_marks_the_slots_a_decoded_token_sees():
+    from convert.student.attention_windowed import ring_bias
+    inf = float("-inf")
+    positions = torch.tensor([[7], [5]])
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :2] = 0                       # row 1: two left pads (cache positions 0, 1)
+    mask[0, 5] = 0                        # row 0: position 5 masked
+    bias = ring_bias(7, 4, mask, positions, sink=True, dtype=torch.float32)[:, 0, 0]
+    # slots 0..3 hold cache positions 4, 5, 6, 7; slot 4 the sink (row 1 is at position 5 >= 4: seen too)
+    assert bias.tolist() == [[0, inf, 0, 0, 0], [0, 0, 0, 0, 0]]
+    early = ring_bias(2, 4, None, torch.tensor([[2]]), sink=True, dtype=torch.float32)[:, 0, 0]
+    assert early.tolist() == [[0, 0, 0, inf, inf]]   # slot 3 never written yet; the sink not reached
+    assert ring_bias(9, 4, None, torch.tensor([[9]]), sink=True, dtype=torch.float32) is None   # all seen: no mask
+    assert ring_bias(7, 4, torch.ones(1, 8), torch.tensor([[7]]), sink=False, dtype=torch.float32) is None
+
+
 def test_calibrated_sink_stands_in_exactly_for_the_first_token():
     """Calibrated on rows that all start like the input, the sink is that input's first-token key/value at every
     layer (position 0 sees only itself), so the student is the teacher attending to window + first token."""

@@ -156,17 +156,20 @@ class WindowRing(DynamicSlidingWindowLayer):
 
 class RingMask:
     """The mask of kept windowed layers while decoding over ``WindowRing`` caches: ``bias`` [B, 1, 1, W+1]
-    (0 seen, -inf not), the same for every such layer in a step."""
+    (0 seen, -inf not), the same for every such layer in a step; None when every slot is seen."""
 
-    def __init__(self, bias: torch.Tensor):
+    def __init__(self, bias: torch.Tensor | None):
         self.bias = bias
 
 
 def ring_bias(cached: int, window: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-              sink: bool, dtype: torch.dtype) -> torch.Tensor:
+              sink: bool, dtype: torch.dtype) -> torch.Tensor | None:
     """Which ring slots the next token (cache index ``cached``) sees once written: slot j holds the latest position
     p <= cached with p = j mod W, seen if p >= 0 and not padding (2D ``attention_mask`` [B, >= cached+1]); the
-    sink slot is seen from position W on (``position_ids`` [B, 1]: real tokens only).  -> bias [B, 1, 1, W+1]."""
+    sink slot is seen from position W on (``position_ids`` [B, 1]: real tokens only).  -> bias [B, 1, 1, W+1],
+    or None when every slot is seen (the sink's only if there is one): attention then needs no mask."""
+    if (attention_mask is None or attention_mask.dim() != 2) and cached >= window:
+        return None   # unpadded, the ring full, the sink reached (positions count the cache)
     device = position_ids.device
     slot = torch.arange(window, device=device)
     held = cached - (cached - slot) % window                                     # [W]
@@ -177,6 +180,8 @@ def ring_bias(cached: int, window: int, attention_mask: torch.Tensor | None, pos
     if not sink:
         sees_sink = torch.zeros_like(sees_sink)
     seen = torch.cat([seen.expand(sees_sink.shape[0], -1), sees_sink], dim=-1)
+    if bool(seen[:, :window].all()) and (not sink or bool(seen[:, window].all())):
+        return None
     return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))[:, None, None]
 
 
@@ -189,6 +194,8 @@ def ring_attention(module, query, key, value, mask: RingMask, scaling, sink) -> 
         if module.__dict__.get("_rnnify_ring_stamp") != stamp:
             key[:, :, W], value[:, :, W] = sink[0].detach(), sink[1].detach()
             module.__dict__["_rnnify_ring_stamp"] = stamp
+    if mask.bias is None and sink is None:   # every window slot seen; slot W (no sink) left out
+        key, value = key[:, :, :-1], value[:, :, :-1]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.bias, scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2)

@@ -13,12 +13,16 @@ teacher keeps on the first token stays exact instead of being left to the featur
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
 from torch import nn
 
 from .mixer_registry import Mixer, register_mixer, run_chunk
+
+
+_STAMPS = itertools.count()   # tells apart the successive decode constants of a mixer
 
 
 @register_mixer
@@ -170,7 +174,7 @@ class Hedgehog(Mixer):
         H, D, F = fk.shape
         Hkv = self.num_kv_heads
         fk = torch.cat([fk, -fk], dim=-1).view(Hkv, H // Hkv, D, 2 * F).transpose(1, 2).reshape(Hkv, D, -1)
-        consts = {"feature_q": torch.cat([fq, -fq], dim=-1), "feature_k": fk,
+        consts = {"stamp": next(_STAMPS), "feature_q": torch.cat([fq, -fq], dim=-1), "feature_k": fk,
                   "share": torch.sigmoid(self.window_factor.float())[:, None, None]}
         if hasattr(self, "rnnify_sink_key"):
             value = self.rnnify_sink_value.float()
@@ -179,9 +183,18 @@ class Hedgehog(Mixer):
         self.__dict__["_decode_cache"] = (weakref.ref(cache), versions, consts)
         return consts
 
+    @staticmethod
+    def _per_row(consts: dict, name: str, B: int) -> torch.Tensor:
+        """``consts[name]`` [N, ...] repeated for a batch of B: [B·N, ...] (a view for B = 1), kept per B."""
+        key = (name, B)
+        if key not in consts:
+            x = consts[name]
+            consts[key] = x.expand(B, *x.shape).reshape(B * x.shape[0], *x.shape[1:])
+        return consts[key]
+
     # -- decoding over a ring of window slots ---------------------------------------------------------------
     # While decoding, a windowed layer's cache holds its window as a ring instead of an ordered list: keys
-    # [B, Hkv, W+1, D] and values with their normaliser [B, Hkv, W+1, Dv+1] in fp32, position p in slot p mod W,
+    # [B, Hkv, W+1, D] and values with their normaliser [B, Hkv, W+1, Dv+1], position p in slot p mod W,
     # the sink in slot W.  A slot's score bias is log(normaliser): 0 for a real key, -inf for padding, an empty
     # slot, or the sink before a key has left the window (its row is zero until then).  A softmax over the window
     # does not depend on the order of its keys, so a step writes one slot in place (no copy of the window, no
@@ -196,14 +209,16 @@ class Hedgehog(Mixer):
     @staticmethod
     def _push_slot(layer, state, slot: int, feature_k) -> None:
         """The key in ``slot`` leaves the window: φ(k) v enters the recurrent state [B, H, 2F, Dv+1] in place,
-        heads grouped by KV head (``feature_k`` [Hkv, D, G·2F]: the G query heads' maps side by side)."""
-        B, Hkv = layer.keys.shape[:2]
-        phi_k = (layer.keys[:, :, slot, None] @ feature_k).view(B, Hkv, -1, 2, state.shape[-2] // 2).softmax(-1)
-        v_old = layer.values[:, :, slot, None].view(B * Hkv, 1, -1)
+        heads grouped by KV head (``feature_k`` [B·Hkv, D, G·2F]: the G query heads' maps side by side)."""
+        B, Hkv, _, D = layer.keys.shape
+        k_old = layer.keys[:, :, slot].float().view(B * Hkv, 1, D)
+        phi_k = torch.bmm(k_old, feature_k).view(B * Hkv, -1, 2, state.shape[-2] // 2).softmax(-1)
+        v_old = layer.values[:, :, slot].float().view(B * Hkv, 1, -1)
         state.view(B * Hkv, -1, state.shape[-1]).baddbmm_(phi_k.view(B * Hkv, -1, 1), v_old)
 
     def _write_sink(self, layer, state, consts) -> None:
         """Slot W: the sink's key, and its value for the rows some key has left the window of (zero before)."""
+        layer.rnnify_ring_stamp = consts["stamp"]   # an int, not the tensors: they are not part of the cache
         if "sink_key" not in consts:
             layer.rnnify_sink_all_seen = True   # no sink: slot W stays empty
             return
@@ -212,28 +227,28 @@ class Hedgehog(Mixer):
         layer.keys[:, :, W] = consts["sink_key"]
         layer.values[:, :, W] = consts["sink_value"] * seen[:, None, None]
         layer.rnnify_sink_all_seen = bool(seen.all())
-        layer.rnnify_ring_consts = consts
 
     def _ordered_to_ring(self, layer, state, consts) -> None:
         keys, values = layer.keys, layer.values                  # [B, Hkv, n, ·]: positions t-n .. t-1, n < W
         B, Hkv, n, D = keys.shape
         W, t = self.window, layer.cumulative_length
         slots = torch.arange(t - n, t, device=keys.device) % W
-        layer.keys = keys.new_zeros(B, Hkv, W + 1, D, dtype=torch.float32)
-        layer.values = values.new_zeros(B, Hkv, W + 1, values.shape[-1], dtype=torch.float32)
-        layer.keys[:, :, slots], layer.values[:, :, slots] = keys.float(), values.float()
+        layer.keys = keys.new_zeros(B, Hkv, W + 1, D)
+        layer.values = values.new_zeros(B, Hkv, W + 1, values.shape[-1])
+        layer.keys[:, :, slots], layer.values[:, :, slots] = keys, values
         self._write_sink(layer, state, consts)
 
     @torch.no_grad()
-    def _ring_to_ordered(self, cache, state, dtype) -> None:
+    def _ring_to_ordered(self, cache, state) -> None:
         """Back to transformers' ordered window (the last W-1 keys; the key before them enters the state)."""
         layer = cache.layers[self.layer_idx]
         W, t = self.window, layer.cumulative_length
         if t >= W:
-            self._push_slot(layer, state, t % W, self._decode_constants(cache)["feature_k"])
+            self._push_slot(layer, state, t % W, self._per_row(self._decode_constants(cache), "feature_k",
+                                                                layer.keys.shape[0]))
         n = min(t, W - 1)
         slots = torch.arange(t - n, t, device=layer.keys.device) % W
-        layer.keys, layer.values = layer.keys[:, :, slots].to(dtype), layer.values[:, :, slots].to(dtype)
+        layer.keys, layer.values = layer.keys[:, :, slots], layer.values[:, :, slots]
 
     def _decode_windowed(self, q, k, v1, state, cache):
         """One new token over a cache (T == 1, no gradients): the same sums as ``_mix_windowed`` over the ring
@@ -247,33 +262,34 @@ class Hedgehog(Mixer):
         c = self._decode_constants(cache)
         if not self._is_ring(layer):
             self._ordered_to_ring(layer, state, c)
-        elif layer.__dict__.get("rnnify_ring_consts") is not c:   # parameters changed in place: new sink
+        elif layer.__dict__.get("rnnify_ring_stamp") != c["stamp"]:   # parameters changed in place: new sink
             self._write_sink(layer, state, c)
         t = layer.cumulative_length
         slot = t % W
         if t >= W:   # slot holds key t - W: it leaves the window now
-            self._push_slot(layer, state, slot, c["feature_k"])
+            self._push_slot(layer, state, slot, self._per_row(c, "feature_k", B))
             if not layer.rnnify_sink_all_seen:
                 self._write_sink(layer, state, c)
-        keys, values = layer.keys, layer.values
-        keys[:, :, slot], values[:, :, slot] = k[:, 0], v1[:, 0]
+        layer.keys[:, :, slot], layer.values[:, :, slot] = k[:, 0], v1[:, 0]
         layer.cumulative_length = t + 1
-        qf = q.float().reshape(B, H, 1, D)
-        phi_q = (qf @ c["feature_q"]).view(B, H, 2, -1).softmax(-1).view(B, H, 1, F2)
-        lin = phi_q @ state                                                              # [B,H,1,Dv+1]
+        keys, values = layer.keys.float(), layer.values.float()   # the model's dtype in the cache, fp32 sums
+        qf = q.float().view(B * H, 1, D)
+        phi_q = torch.bmm(qf, self._per_row(c, "feature_q", B)).view(B * H, 2, -1).softmax(-1)
+        lin = torch.bmm(phi_q.view(B * H, 1, F2), state.view(B * H, F2, -1))                # [B·H,1,Dv+1]
         bias = values[..., -1].log().view(B * Hkv, 1, W + 1)   # 0 real, -inf padding/empty/unseen sink
         scores = torch.baddbmm(bias, qf.view(B * Hkv, G, D), keys.view(B * Hkv, W + 1, D).transpose(1, 2),
                                alpha=self.attn.scaling)                                   # [B·Hkv,G,W+1]
         m = scores.amax(-1, keepdim=True).clamp_(min=torch.finfo(scores.dtype).min)    # all-masked rows -> 0
-        window = ((scores - m).exp_() @ values.view(B * Hkv, W + 1, -1)).view(B, H, 1, -1)
-        mixed = window if self.recurrent_off else torch.lerp(lin, window, c["share"])   # ablation: window only
+        window = torch.bmm((scores - m).exp_(), values.view(B * Hkv, W + 1, -1)).view(B * H, 1, -1)
+        share = self._per_row(c, "share", B)
+        mixed = window if self.recurrent_off else torch.lerp(lin, window, share)   # ablation: window only
         return (mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])).view(B, 1, H, -1)
 
     def _mix_windowed(self, q, k, v1, phi_q, cache, packed=None):
         B, T, H, D = q.shape
         W = self.window
         if cache is not None and self._is_ring(cache.layers[self.layer_idx]):   # decoded before: reorder
-            self._ring_to_ordered(cache, self.read_state(cache), k.dtype)
+            self._ring_to_ordered(cache, self.read_state(cache))
         if cache is not None:   # sliding cache keeps the last W-1 keys; returns them + the new ones
             k_ext, v_ext = cache.update(k.transpose(1, 2), v1.transpose(1, 2), self.layer_idx)
             k_ext, v_ext = k_ext.transpose(1, 2), v_ext.transpose(1, 2)
