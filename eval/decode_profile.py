@@ -3,11 +3,14 @@ module of the decoder (the token mixers: softmax attention or a recurrent mixer,
 the norms; the LM head) and the rest (embedding, residuals, masks, the decoder loop), at one context length.
 
     python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 512 --tokens 64 --repeats 3
+    python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 512 --tokens 8 --paired 16
 
 Each module kind is timed by forward hooks around every module of that class, in the same process and on the
 same prompt for both models; hooks add the same small cost per call to both, so read the columns side by side
 (the per-token total is measured without hooks).  Reported: the median over ``repeats`` runs of ``tokens``
-decoded tokens, each after a prefill of ``context`` tokens.
+decoded tokens, each after a prefill of ``context`` tokens.  With ``--paired ROUNDS`` it times the two models'
+decoding in alternation instead (``paired_decode``): on a shared machine whose speed drifts, the ratio of adjacent
+rounds is steadier than the ratio of two models timed one after the other.
 """
 from __future__ import annotations
 
@@ -88,6 +91,56 @@ def profile_decode(model, context: int, tokens: int, repeats: int = 3, seed: int
     return out
 
 
+@torch.inference_mode()
+def paired_decode(models: dict, context: int, tokens: int, rounds: int, seed: int = 0) -> dict:
+    """Decode speed of several models measured in alternation: after one prefill of ``context`` tokens each, every
+    round decodes ``tokens`` greedy tokens with each model in turn (the context grows by ``tokens`` per round), so a
+    slow phase of a shared machine hits all of them alike.  Returns {name: ms per token of each round} and
+    'speedup': {name: (median, lower quartile, upper quartile)} of the first model's time over this one's, round
+    by round, for every model after the first."""
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.randint(0, min(m.config.vocab_size for m in models.values()), (1, context),
+                        generator=torch.Generator().manual_seed(seed))
+    state = {}
+    for name, model in models.items():
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids.to(next(model.parameters()).device), cache=cache, use_cache=True,
+                       logits_to_keep=1).logits
+        state[name] = [cache, logits[:, -1:].argmax(-1)]
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            cache, token = state[name]
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            times[name].append((time.perf_counter() - t0) / tokens * 1e3)
+            state[name][1] = token
+    names = list(models)
+    out = dict(times)
+    out["speedup"] = {}
+    for name in names[1:]:
+        ratios = sorted(a / b for a, b in zip(times[names[0]], times[name]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out["speedup"][name] = (statistics.median(ratios), q[0], q[-1])
+    return out
+
+
+def paired_markdown(result: dict, context: int, tokens: int, rounds: int) -> str:
+    names = [n for n in result if n != "speedup"]
+    lines = [f"decode from {context:,} tokens of context, {rounds} alternating rounds of {tokens} tokens per model "
+             f"(context {context:,} to {context + rounds * tokens:,})", "",
+             f"| model | ms per token, median (range) | speedup over {names[0]}, median of rounds (quartiles) |",
+             "|---|---:|---:|"]
+    for name in names:
+        ms = result[name]
+        speed = result["speedup"].get(name)
+        cell = f"{speed[0]:.2f}× ({speed[1]:.2f}–{speed[2]:.2f})" if speed else "1.00×"
+        lines.append(f"| {name} | {statistics.median(ms):.2f} ({min(ms):.2f}–{max(ms):.2f}) | {cell} |")
+    return "\n".join(lines)
+
+
 def _ancestors(parents: dict, module) -> list:
     """Modules that contain ``module`` (so that a kind is timed once, at its outermost module)."""
     chain = []
@@ -120,7 +173,17 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="instead: time the two models' decoding in alternating rounds (no hooks)")
     args = parser.parse_args(argv)
+    if args.paired:
+        models = {name: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
+                                                             dtype=torch.float32).eval()
+                  for name, path in (("teacher", args.teacher), ("student", args.student))}
+        paired_decode(models, min(64, args.context), 4, rounds=1)   # warm-up: allocations, first calls
+        result = paired_decode(models, args.context, args.tokens, args.paired)
+        print(paired_markdown(result, args.context, args.tokens, args.paired))
+        return 0
     rows = {}
     for name, path in (("teacher", args.teacher), ("student", args.student)):
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()

@@ -120,3 +120,22 @@ def test_decode_profile_splits_a_token_into_module_kinds_for_teacher_and_student
     assert "| model | total | token mixer | MLP | norms | LM head | rest | tokens/s | × teacher |" in table
     assert table.count("\n| teacher |") == 1 and table.count("\n| student |") == 1
     assert table.splitlines()[-2].endswith("| 1.00× |")
+
+
+def test_paired_decode_alternates_models_and_reports_round_by_round_speedups():
+    """eval/decode_profile.py --paired: each round times every model once, the speedup is the first model's time
+    over the other's per round (median and quartiles), and the table has one row per model."""
+    from convert.convert import convert
+    from eval.decode_profile import paired_decode, paired_markdown
+    from tests.conftest import make_teacher
+
+    models = {"teacher": make_teacher("llama"),
+              "student": convert(make_teacher("llama"), {"type": "hedgehog", "window": 4}, [0, 2])}
+    result = paired_decode(models, 10, 3, rounds=4)
+    assert len(result["teacher"]) == len(result["student"]) == 4 and min(result["student"]) > 0
+    ratios = sorted(t / s for t, s in zip(result["teacher"], result["student"]))
+    median, low, high = result["speedup"]["student"]
+    assert low <= median <= high and median == pytest.approx((ratios[1] + ratios[2]) / 2)
+    table = paired_markdown(result, 10, 3, 4)
+    assert "(context 10 to 22)" in table and table.count("\n| student |") == 1
+    assert table.splitlines()[-2].startswith("| teacher |") and table.splitlines()[-2].endswith("| 1.00× |")

@@ -151,7 +151,8 @@ class WindowRing(DynamicSlidingWindowLayer):
         return self.keys, self.values
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise RuntimeError("a decoding ring cannot be cropped; turn it back first: cache.layers[i] = layer.to_ordered()")
+        raise RuntimeError("a decoding ring cannot be cropped; turn it back first: "
+                           "cache.layers[i] = layer.to_ordered()")
 
 
 class RingMask:

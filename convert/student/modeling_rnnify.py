@@ -5,7 +5,8 @@ transformers' registry; the student only swaps ``layers[i].self_attn`` for a mix
 teacher's projections, and drives the blocks with a decoder loop that hands each layer the mask
 its type needs.  The cache is transformers' ``DynamicCache(config=...)``: ``linear_attention``
 layers keep one [H, Dk, Dv] state whatever the length, ``hybrid_sliding`` layers add a window of
-keys, kept softmax layers keep their usual KV cache.
+keys, kept softmax layers keep their usual KV cache (windowed ones: transformers' sliding layer, a ``WindowRing``
+of slots while decoding one token at a time; see ``attention_windowed.py``).
 """
 from __future__ import annotations
 
