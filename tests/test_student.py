@@ -451,6 +451,9 @@ def test_windowed_decode_ring_survives_continuation_and_batch_reordering():
         for t in range(17, 23):
             out = student(ids[:, t:t + 1], cache=out.cache, use_cache=True)
             parts.append(out.logits)
+        kept = out.cache.layers[1]   # a new ring after the continuation: its last slot holds the sink again
+        sink_key = student.model.layers[1].self_attn.rnnify_sink_key
+        assert kept.keys.shape[2] == 6 + 1 and torch.equal(kept.keys[:, :, -1], sink_key.expand(2, -1, -1))
         out.cache.reorder_cache(swapped)
         for t in range(23, 30):
             out = student(ids[swapped, t:t + 1], cache=out.cache, use_cache=True)

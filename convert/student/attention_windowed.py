@@ -25,6 +25,7 @@ once per step (``ring_bias``) and hands it to every layer as its mask (``RingMas
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -191,10 +192,12 @@ def ring_attention(module, query, key, value, mask: RingMask, scaling, sink) -> 
     key/value go into slot W when the ring is new to this module or the sink parameters changed."""
     if sink is not None:
         W = key.shape[2] - 1
-        stamp = (key.data_ptr(), sink[0].data_ptr(), sink[0]._version, sink[1].data_ptr(), sink[1]._version)
-        if module.__dict__.get("_rnnify_ring_stamp") != stamp:
+        # the ring tensor itself, by weak reference (a new ring may reuse a freed one's memory address)
+        ring, versions = module.__dict__.get("_rnnify_ring_stamp", (None, None))
+        now = (sink[0].data_ptr(), sink[0]._version, sink[1].data_ptr(), sink[1]._version)
+        if ring is None or ring() is not key or versions != now:
             key[:, :, W], value[:, :, W] = sink[0].detach(), sink[1].detach()
-            module.__dict__["_rnnify_ring_stamp"] = stamp
+            module.__dict__["_rnnify_ring_stamp"] = (weakref.ref(key), now)
     if mask.bias is None and sink is None:   # every window slot seen; slot W (no sink) left out
         key, value = key[:, :, :-1], value[:, :, :-1]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.bias, scale=scaling,
