@@ -111,6 +111,24 @@ def sink_attention(module, query, key, value, attention_mask, position_ids, wind
     return out.transpose(1, 2)
 
 
+def window_to_ring(keys: torch.Tensor, values: torch.Tensor, seen: int, window: int):
+    """An ordered window, k/v [B, Hkv, n, ·] holding positions seen-n .. seen-1 (n < W), -> a ring [B, Hkv, W+1, ·]:
+    position p in slot p mod W; the other slots, and slot W (the sink's), zero."""
+    B, Hkv, n = keys.shape[:3]
+    slots = torch.arange(seen - n, seen, device=keys.device) % window
+    ring_k = keys.new_zeros(B, Hkv, window + 1, keys.shape[-1])
+    ring_v = values.new_zeros(B, Hkv, window + 1, values.shape[-1])
+    ring_k[:, :, slots], ring_v[:, :, slots] = keys, values
+    return ring_k, ring_v
+
+
+def ring_to_window(keys: torch.Tensor, values: torch.Tensor, seen: int, window: int):
+    """The inverse as transformers' sliding layer keeps it: the last min(seen, W-1) positions, in order."""
+    n = min(seen, window - 1)
+    slots = torch.arange(seen - n, seen, device=keys.device) % window
+    return keys[:, :, slots], values[:, :, slots]
+
+
 class WindowRing(DynamicSlidingWindowLayer):
     """A kept windowed layer's cache while decoding: keys/values [B, Hkv, W+1, D], position p in slot p mod W,
     slot W the sink (see module doc).  Built from transformers' ordered sliding layer by ``from_ordered`` and turned
@@ -120,13 +138,8 @@ class WindowRing(DynamicSlidingWindowLayer):
     def from_ordered(cls, layer: DynamicSlidingWindowLayer) -> "WindowRing":
         ring = cls(layer.sliding_window)
         ring.__dict__.update({k: v for k, v in vars(layer).items() if k not in ("keys", "values")})
-        W, t = layer.sliding_window, layer.cumulative_length
-        keys, values = layer.keys, layer.values                      # positions t-n .. t-1
-        B, Hkv, n, D = keys.shape
-        slots = torch.arange(t - n, t, device=keys.device) % W
-        ring.keys = keys.new_zeros(B, Hkv, W + 1, D)
-        ring.values = values.new_zeros(B, Hkv, W + 1, values.shape[-1])
-        ring.keys[:, :, slots], ring.values[:, :, slots] = keys, values
+        ring.keys, ring.values = window_to_ring(layer.keys, layer.values, layer.cumulative_length,
+                                                layer.sliding_window)
         return ring
 
     def to_ordered(self) -> DynamicSlidingWindowLayer:
@@ -134,10 +147,8 @@ class WindowRing(DynamicSlidingWindowLayer):
         layer = DynamicSlidingWindowLayer(self.sliding_window)
         layer.__dict__.update({k: v for k, v in vars(self).items() if k not in ("keys", "values")})
         if self.is_initialized:
-            W, t = self.sliding_window, self.cumulative_length
-            n = min(t, W - 1)
-            slots = torch.arange(t - n, t, device=self.keys.device) % W
-            layer.keys, layer.values = self.keys[:, :, slots], self.values[:, :, slots]
+            layer.keys, layer.values = ring_to_window(self.keys, self.values, self.cumulative_length,
+                                                      self.sliding_window)
         return layer
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -182,7 +193,7 @@ def ring_bias(cached: int, window: int, attention_mask: torch.Tensor | None, pos
     if not sink:
         sees_sink = torch.zeros_like(sees_sink)
     seen = torch.cat([seen.expand(sees_sink.shape[0], -1), sees_sink], dim=-1)
-    if bool(seen[:, :window].all()) and (not sink or bool(seen[:, window].all())):
+    if bool(seen[:, :window + sink].all()):   # the window's slots, and the sink's if there is one
         return None
     return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))[:, None, None]
 

@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch import nn
 
+from .attention_windowed import ring_to_window, window_to_ring
 from .mixer_registry import Mixer, register_mixer, run_chunk
 
 
@@ -229,13 +230,7 @@ class Hedgehog(Mixer):
         layer.rnnify_sink_all_seen = bool(seen.all())
 
     def _ordered_to_ring(self, layer, state, consts) -> None:
-        keys, values = layer.keys, layer.values                  # [B, Hkv, n, ·]: positions t-n .. t-1, n < W
-        B, Hkv, n, D = keys.shape
-        W, t = self.window, layer.cumulative_length
-        slots = torch.arange(t - n, t, device=keys.device) % W
-        layer.keys = keys.new_zeros(B, Hkv, W + 1, D)
-        layer.values = values.new_zeros(B, Hkv, W + 1, values.shape[-1])
-        layer.keys[:, :, slots], layer.values[:, :, slots] = keys, values
+        layer.keys, layer.values = window_to_ring(layer.keys, layer.values, layer.cumulative_length, self.window)
         self._write_sink(layer, state, consts)
 
     @torch.no_grad()
@@ -246,9 +241,7 @@ class Hedgehog(Mixer):
         if t >= W:
             self._push_slot(layer, state, t % W, self._per_row(self._decode_constants(cache), "feature_k",
                                                                 layer.keys.shape[0]))
-        n = min(t, W - 1)
-        slots = torch.arange(t - n, t, device=layer.keys.device) % W
-        layer.keys, layer.values = layer.keys[:, :, slots], layer.values[:, :, slots]
+        layer.keys, layer.values = ring_to_window(layer.keys, layer.values, t, W)
 
     def _decode_windowed(self, q, k, v1, state, cache):
         """One new token over a cache (T == 1, no gradients): the same sums as ``_mix_windowed`` over the ring
