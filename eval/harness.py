@@ -32,6 +32,14 @@ def offline_tasks() -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.cache
+def task_manager(with_lm_eval_tasks: bool):
+    """lm-eval's ``TaskManager`` over ``eval/tasks``, and over lm-eval's own catalogue only when asked: indexing
+    those thousands of YAMLs takes seconds per call, and the offline tasks do not need them.  One per process."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=with_lm_eval_tasks)
+
+
 def lm_eval_command(pretrained: str, request: TaskRequest, batch_size: int, device: str, dtype: str) -> str:
     """The ``lm_eval`` CLI call that evaluates the saved model at ``pretrained`` the same way."""
     args = ["lm_eval", "--model", "hf", "--model_args",
@@ -64,12 +72,11 @@ def run_tasks(model, tokenizer, requests: list[TaskRequest], *, batch_size: int,
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     device = str(next(model.parameters()).device)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(TASKS_DIR))
+    manager = task_manager(not {r.name for r in requests} <= offline_tasks())
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for request in requests:

@@ -51,3 +51,18 @@ def randomize_mixers(student, seed=1):
 def tokenizer():
     from convert.teachers import tokenizer_training_text, train_tokenizer
     return train_tokenizer(tokenizer_training_text(), vocab_size=300)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``python -m convert ARGS`` as this process's call of the CLI's ``main`` (no interpreter start-up, which is
+    seconds per process here): returns (exit status, stdout, stderr).  Tests of what a process shows (no traceback,
+    a fresh interpreter loading the student) keep a subprocess."""
+    from convert.cli import main
+
+    def call(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return call

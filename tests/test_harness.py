@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from convert.convert import convert
-from eval.harness import TaskRequest, lm_eval_command, offline_tasks, run_tasks
+from eval.harness import TaskRequest, lm_eval_command, offline_tasks, run_tasks, task_manager
 from eval.tasks import TASKS_DIR
 from tests.conftest import randomize_mixers
 
@@ -50,6 +50,12 @@ def test_every_mmlu_subject_has_an_offline_copy():
     subjects = {task_yaml(p)["dataset_name"] for p in (LM_EVAL_TASKS / "mmlu" / "default").glob("mmlu_*.yaml")}
     assert len(subjects) == 57
     assert {f"mmlu_{s}_offline" for s in subjects} | {"mmlu_offline"} <= offline_tasks()
+
+
+def test_offline_task_manager_indexes_only_the_offline_tasks():
+    manager = task_manager(False)   # lm-eval's own catalogue (seconds to index) only when a request names one
+    assert offline_tasks() <= set(manager.all_tasks) and "hellaswag" not in manager.all_tasks
+    assert task_manager(False) is manager
 
 
 def test_command_line_reproduces_the_evaluation():

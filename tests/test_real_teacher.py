@@ -25,20 +25,17 @@ runpy.run_module("convert", run_name="__main__")
 
 @pytest.fixture(scope="module")
 def prepared():
-    res = subprocess.run([sys.executable, "-m", "convert", "prepare", "recipes/quickstart.yaml"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    from convert.cli import main
+    assert main(["prepare", str(REPO / "recipes/quickstart.yaml")]) == 0
 
 
-def test_prepared_teacher_is_a_plain_hf_folder_and_preparation_is_idempotent(prepared):
+def test_prepared_teacher_is_a_plain_hf_folder_and_preparation_is_idempotent(prepared, cli):
     from convert.teachers import MARKER, teacher_folder
     folder = teacher_folder("smollm2-135m")
     marker = folder / MARKER
     stamp = marker.stat().st_mtime_ns
-    again = subprocess.run([sys.executable, "-m", "convert", "prepare", "builtin:smollm2-135m"],
-                           capture_output=True, text=True, cwd=REPO)
-    assert again.returncode == 0 and marker.stat().st_mtime_ns == stamp     # reused, not rebuilt
+    code, _, stderr = cli("prepare", "builtin:smollm2-135m")
+    assert code == 0 and marker.stat().st_mtime_ns == stamp, stderr     # reused, not rebuilt
     info = json.loads(marker.read_text())
     assert info["parameters"] == 134_515_008 and info["license"] == "apache-2.0" and not info["untrained"]
     config = json.loads((folder / "config.json").read_text())
@@ -53,19 +50,19 @@ def test_prepared_teacher_is_a_plain_hf_folder_and_preparation_is_idempotent(pre
 def test_quickstart_runs_with_no_network(prepared, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", NO_NETWORK, "run", "recipes/quickstart.yaml",
-                          f"output_dir={tmp_path}", "eval.max_tokens=2048", "eval.seq_len=512",
-                          "stages=[{name: attention_transfer, tokens: 4096, seq_len: 256, batch_size: 4, eval_rows: 2}]",
+                          f"output_dir={tmp_path}", "eval.max_tokens=1024", "eval.seq_len=512",
+                          "stages=[{name: attention_transfer, tokens: 2048, seq_len: 256, batch_size: 4, eval_rows: 2}]",
                           "eval.tasks=[{name: piqa_offline, limit: 8}]", "eval.speed={lengths: [64, 128], new_tokens: 2}",
                           "eval.recall={lengths: [128], depths: [0.5], trials: 1}"],
                          capture_output=True, text=True, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["teacher_untrained"] is False and report["perplexity_tokens"] == 2048
+    assert report["teacher_untrained"] is False and report["perplexity_tokens"] == 1024
     # a real language model: far below a unigram model of this text (hundreds) and below 60 here
     assert 5 < report["perplexity"]["teacher"] < 60
     ppl = report["perplexity"]
     assert ppl["student_after_init"] > ppl["teacher"]          # untrained mixers lose quality
-    assert report["stages"][0]["name"] == "attention_transfer" and report["stages"][0]["tokens"] == 4096
+    assert report["stages"][0]["name"] == "attention_transfer" and report["stages"][0]["tokens"] == 2048
     assert report["tasks"]["teacher"]["piqa_offline"]["samples"] == 8   # lm-eval offline, network refused
     assert report["recall"]["teacher"][0]["accuracy"] == 1.0 and report["speed"]["rows"]
     # kept layers over their last 512 tokens, their sinks calibrated on stage 0's document starts

@@ -211,6 +211,7 @@ def test_every_mixer_option_is_a_recipe_field_with_the_mixers_own_default():
 
 # ---- the CLI --------------------------------------------------------------------------------------
 def run_cli(*args, cwd=None):
+    """``python -m convert ARGS`` in a new process: what a user runs (exit status, nothing else on stderr)."""
     return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, cwd=cwd)
 
 
@@ -222,14 +223,14 @@ def test_cli_recipe_error_exits_2_without_traceback(tmp_path):
                                        "gate_normalizer, initial_memory)")
 
 
-def test_cli_validate_checks_teacher_config(tmp_path, monkeypatch):
-    res = run_cli("validate", str(write(tmp_path, BASE)), "convert.layers=[0,9]")
-    assert res.returncode == 2 and "layer 9 is out of range" in res.stderr
-    res = run_cli("validate", str(write(tmp_path, BASE)), "teacher=builtin:tiny-gpt2")
-    assert res.returncode == 2 and "unknown builtin teacher 'tiny-gpt2'" in res.stderr
-    res = run_cli("validate", str(write(tmp_path, BASE)))
-    assert res.returncode == 0, res.stderr
-    assert "ok" in res.stdout
+def test_cli_validate_checks_teacher_config(tmp_path, cli):
+    code, _, err = cli("validate", str(write(tmp_path, BASE)), "convert.layers=[0,9]")
+    assert code == 2 and "layer 9 is out of range" in err
+    code, _, err = cli("validate", str(write(tmp_path, BASE)), "teacher=builtin:tiny-gpt2")
+    assert code == 2 and "unknown builtin teacher 'tiny-gpt2'" in err
+    code, out, err = cli("validate", str(write(tmp_path, BASE)))
+    assert code == 0, err
+    assert "ok" in out
 
 
 # the config.json of the Hub teachers the shipped recipes name (their weights cannot be downloaded here)
@@ -277,10 +278,10 @@ def test_device_names(tmp_path):
     assert resolve_device("cuda:1") == "cuda:1"
 
 
-def test_cli_prepare_names_what_it_knows(tmp_path):
-    res = run_cli("prepare", "builtin:nope")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "builtin:nope: not a builtin teacher (smollm2-135m, tiny-llama" in res.stderr and "nor corpus (prose" in res.stderr
+def test_cli_prepare_names_what_it_knows(tmp_path, cli):
+    code, _, err = cli("prepare", "builtin:nope")
+    assert code == 2 and "Traceback" not in err
+    assert "builtin:nope: not a builtin teacher (smollm2-135m, tiny-llama" in err and "nor corpus (prose" in err
 
 
 def test_gguf_checksum_mismatch_is_a_clear_error(tmp_path):
