@@ -359,15 +359,26 @@ def measure_recall(model, tokenizer, recipe: Recipe) -> list[dict] | None:
     return passkey_accuracy(model, tokenizer, spec.lengths, depths=spec.depths, trials=spec.trials, seed=recipe.seed)
 
 
-def measure_speed(model, name: str, recipe: Recipe) -> list[dict]:
-    """Speed/memory rows of ``model`` at the recipe's context lengths (same seeded prompts for every model)."""
+def load_teacher(location: str, recipe: Recipe, device: str):
+    """The teacher as ``transformers`` loads it, in the recipe's dtype, on ``device``, for inference."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, recipe.dtype)).to(device).eval()
+
+
+def measure_speed(load_teacher_model, student, recipe: Recipe) -> dict | None:
+    """Speed/memory of the teacher (loaded again by ``load_teacher_model()`` for this, and freed after) and the
+    student at the recipe's context lengths, their decoding timed in alternating rounds (``eval.speed.compare``)."""
     spec = recipe.eval.speed
     if spec is None:
-        return []
-    from eval.speed import profile
-    log.info("speed/memory of %s at %s tokens", name, spec.lengths)
-    return profile(model, name, spec.lengths, new_tokens=spec.new_tokens, batch_size=spec.batch_size,
-                   repeats=spec.repeats)
+        return None
+    from eval.speed import compare
+    log.info("speed/memory of teacher and student at %s tokens, decoding in alternation", spec.lengths)
+    teacher = load_teacher_model()
+    try:
+        return compare({"teacher": teacher, "student": student}, spec.lengths, new_tokens=spec.new_tokens,
+                       batch_size=spec.batch_size, repeats=spec.repeats)
+    finally:
+        del teacher
 
 
 def component_ablation(student, windows, recipe: Recipe, student_perplexity: float) -> dict | None:
@@ -385,14 +396,13 @@ def component_ablation(student, windows, recipe: Recipe, student_perplexity: flo
             "window_share": {str(i): v for i, v in shares.items()}}
 
 
-def finish_speed_and_recall(student, tokenizer, recipe: Recipe, out: Path, device: str, teacher_speed: list[dict],
+def finish_speed_and_recall(student, load_teacher_model, tokenizer, recipe: Recipe, out: Path,
                             recall: dict | None) -> tuple[dict | None, dict | None]:
-    """The student's side of the speed/memory and passkey comparisons begun on the teacher; writes speed.png."""
-    speed = None
-    if recipe.eval.speed is not None:
-        from eval.speed import plot, summarize
-        speed = summarize(teacher_speed + measure_speed(student, "student", recipe), "teacher",
-                          **recipe.eval.speed.model_dump(), device=device)
+    """The speed/memory comparison (speed.png) and the student's side of the passkey comparison begun on the
+    teacher."""
+    speed = measure_speed(load_teacher_model, student, recipe)
+    if speed is not None:
+        from eval.speed import plot
         plot(speed, out / "speed.png")
     if recall is not None and "student" not in recall:   # the budget curve may have measured it already
         recall["student"] = measure_recall(student, tokenizer, recipe)
@@ -471,9 +481,10 @@ class Evaluation:
     """
 
     def __init__(self, recipe: Recipe, tokenizer, windows: list, out: Path, device: str, main: bool,
-                 key: dict | None = None):
+                 teacher_location: str, key: dict | None = None):
         self.recipe, self.tokenizer, self.windows, self.out = recipe, tokenizer, windows, out
         self.device, self.main, self.key = device, main, key
+        self.teacher_location = teacher_location   # the final point loads the teacher again to time it beside the student
 
     def _cached(self, name: str, evaluate):
         return evaluate() if self.key is None else cached_evaluation(self.out, name, self.key, self.main, evaluate)
@@ -498,21 +509,20 @@ class Evaluation:
                                              saved_path if last else None) if self.main else {})
         return point
 
-    def teacher(self, teacher, location: str) -> dict:
-        """The teacher's point: perplexity, tasks (if ``tasks_at`` names it), speed rows and passkey."""
-        point = {"perplexity": self.perplexity(teacher, "teacher"), "tasks": None, "speed_rows": [], "recall": None}
+    def teacher(self, teacher) -> dict:
+        """The teacher's point: perplexity, tasks (if ``tasks_at`` names it) and passkey (speed: at ``final``)."""
+        point = {"perplexity": self.perplexity(teacher, "teacher"), "tasks": None, "recall": None}
         if "teacher" in self.recipe.eval.tasks_at:
-            point["tasks"] = self.tasks(teacher, "teacher", location)
-        if self.main:
-            point["speed_rows"] = measure_speed(teacher, "teacher", self.recipe)
-            if self.recipe.eval.recall:
-                point["recall"] = measure_recall(teacher, self.tokenizer, self.recipe)
+            point["tasks"] = self.tasks(teacher, "teacher", self.teacher_location)
+        if self.main and self.recipe.eval.recall:
+            point["recall"] = measure_recall(teacher, self.tokenizer, self.recipe)
         return point
 
     def final(self, student, teacher_point: dict, student_perplexity: float, student_tasks: dict | None,
               recall: dict | None = None) -> dict:
-        """The final student's point beside the teacher's: component ablation, speed/memory (speed.png) and passkey
-        (``recall`` may already hold the student's, from the budget curve); ``student_tasks`` as measured."""
+        """The final student's point beside the teacher's: component ablation, speed/memory against the teacher
+        loaded again (speed.png) and passkey (``recall`` may already hold the student's, from the budget curve);
+        ``student_tasks`` as measured."""
         ablation = component_ablation(student, self.windows, self.recipe, student_perplexity)
         tasks = {}
         if teacher_point["tasks"] is not None:
@@ -523,8 +533,9 @@ class Evaluation:
         if recall is None and teacher_point["recall"] is not None:
             recall = {"teacher": teacher_point["recall"]}
         if self.main:
-            speed, recall = finish_speed_and_recall(student, self.tokenizer, self.recipe, self.out, self.device,
-                                                    teacher_point["speed_rows"], recall)
+            speed, recall = finish_speed_and_recall(
+                student, partial(load_teacher, self.teacher_location, self.recipe, self.device), self.tokenizer,
+                self.recipe, self.out, recall)
         return {"component_ablation": ablation, "tasks": tasks, "speed": speed, "recall": recall}
 
 
@@ -585,7 +596,7 @@ def run_stages(recipe: Recipe, source: str, student, all_rows: dict, fingerprint
 
 
 def run(recipe_path: str, overrides: list[str] = ()) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     # under `accelerate launch`/torchrun every process runs this (CPU: gloo); one of them writes the outputs, and
     # the main one prepares what the others then read (builtin teacher, corpora, task data), so that no two
@@ -614,8 +625,7 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
     windows = heldout_windows(recipe, tokenizer, recipe_path)
     timings["data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dtype = getattr(torch, recipe.dtype)
-    teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
+    teacher = load_teacher(location, recipe, device)
     timings["load_teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -624,9 +634,9 @@ def run(recipe_path: str, overrides: list[str] = ()) -> dict:
 
     t0 = time.perf_counter()
     fingerprint = conversion_fingerprint(recipe, location, layers, calibrated)
-    evaluation = Evaluation(recipe, tokenizer, windows, out, device, main,
+    evaluation = Evaluation(recipe, tokenizer, windows, out, device, main, location,
                             key={"conversion": fingerprint, "eval": recipe.eval.model_dump(mode="json")})
-    teacher_point = evaluation.teacher(teacher, location)
+    teacher_point = evaluation.teacher(teacher)
     ppl = {"teacher": teacher_point["perplexity"],
            "student_after_init": evaluation.perplexity(student, "student_after_init")}
     tasks = {}
@@ -726,9 +736,9 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
     device, dtype = resolve_device(recipe.device), getattr(torch, recipe.dtype)
     tokenizer = AutoTokenizer.from_pretrained(location)
     windows = heldout_windows(recipe, tokenizer, recipe_path)
-    evaluation = Evaluation(recipe, tokenizer, windows, out, device, main=True)   # no key: measured again
-    teacher = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
-    teacher_point = evaluation.teacher(teacher, location)
+    evaluation = Evaluation(recipe, tokenizer, windows, out, device, True, location)   # no key: measured again
+    teacher = load_teacher(location, recipe, device)
+    teacher_point = evaluation.teacher(teacher)
     del teacher
     student = AutoModelForCausalLM.from_pretrained(out / "student", dtype=dtype, trust_remote_code=True)
     student = student.to(device).eval()

@@ -9,8 +9,8 @@ Each module kind is timed by forward hooks around every module of that class, in
 same prompt for both models; hooks add the same small cost per call to both, so read the columns side by side
 (the per-token total is measured without hooks).  Reported: the median over ``repeats`` runs of ``tokens``
 decoded tokens, each after a prefill of ``context`` tokens.  With ``--paired ROUNDS`` it times the two models'
-decoding in alternation instead (``paired_decode``): on a shared machine whose speed drifts, the ratio of adjacent
-rounds is steadier than the ratio of two models timed one after the other.
+decoding in alternating rounds instead, without hooks (``eval.speed.compare``): on a shared machine whose speed
+drifts, the ratio of adjacent rounds is steadier than the ratio of two models timed one after the other.
 """
 from __future__ import annotations
 
@@ -92,55 +92,6 @@ def profile_decode(model, context: int, tokens: int, repeats: int = 3, seed: int
 
 
 @torch.inference_mode()
-def paired_decode(models: dict, context: int, tokens: int, rounds: int, seed: int = 0) -> dict:
-    """Decode speed of several models measured in alternation: after one prefill of ``context`` tokens each, every
-    round decodes ``tokens`` greedy tokens with each model in turn (the context grows by ``tokens`` per round), so a
-    slow phase of a shared machine hits all of them alike.  Returns {name: ms per token of each round} and
-    'speedup': {name: (median, lower quartile, upper quartile)} of the first model's time over this one's, round
-    by round, for every model after the first."""
-    from transformers.cache_utils import DynamicCache
-
-    ids = torch.randint(0, min(m.config.vocab_size for m in models.values()), (1, context),
-                        generator=torch.Generator().manual_seed(seed))
-    state = {}
-    for name, model in models.items():
-        cache = DynamicCache(config=model.config)
-        logits = model(input_ids=ids.to(next(model.parameters()).device), cache=cache, use_cache=True,
-                       logits_to_keep=1).logits
-        state[name] = [cache, logits[:, -1:].argmax(-1)]
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            cache, token = state[name]
-            t0 = time.perf_counter()
-            for _ in range(tokens):
-                token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            times[name].append((time.perf_counter() - t0) / tokens * 1e3)
-            state[name][1] = token
-    names = list(models)
-    out = dict(times)
-    out["speedup"] = {}
-    for name in names[1:]:
-        ratios = sorted(a / b for a, b in zip(times[names[0]], times[name]))
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        out["speedup"][name] = (statistics.median(ratios), q[0], q[-1])
-    return out
-
-
-def paired_markdown(result: dict, context: int, tokens: int, rounds: int) -> str:
-    names = [n for n in result if n != "speedup"]
-    lines = [f"decode from {context:,} tokens of context, {rounds} alternating rounds of {tokens} tokens per model "
-             f"(context {context:,} to {context + rounds * tokens:,})", "",
-             f"| model | ms per token, median (range) | speedup over {names[0]}, median of rounds (quartiles) |",
-             "|---|---:|---:|"]
-    for name in names:
-        ms = result[name]
-        speed = result["speedup"].get(name)
-        cell = f"{speed[0]:.2f}× ({speed[1]:.2f}–{speed[2]:.2f})" if speed else "1.00×"
-        lines.append(f"| {name} | {statistics.median(ms):.2f} ({min(ms):.2f}–{max(ms):.2f}) | {cell} |")
-    return "\n".join(lines)
-
-
 def _ancestors(parents: dict, module) -> list:
     """Modules that contain ``module`` (so that a kind is timed once, at its outermost module)."""
     chain = []
@@ -176,13 +127,13 @@ def main(argv=None) -> int:
     parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                         help="instead: time the two models' decoding in alternating rounds (no hooks)")
     args = parser.parse_args(argv)
-    if args.paired:
+    if args.paired:   # eval/speed.py's alternating rounds at this one length
+        from eval.speed import compare
+        from eval.speed import markdown as speed_markdown
         models = {name: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
                                                              dtype=torch.float32).eval()
                   for name, path in (("teacher", args.teacher), ("student", args.student))}
-        paired_decode(models, min(64, args.context), 4, rounds=1)   # warm-up: allocations, first calls
-        result = paired_decode(models, args.context, args.tokens, args.paired)
-        print(paired_markdown(result, args.context, args.tokens, args.paired))
+        print(speed_markdown(compare(models, [args.context], new_tokens=args.tokens, repeats=args.paired)))
         return 0
     rows = {}
     for name, path in (("teacher", args.teacher), ("student", args.student)):

@@ -74,6 +74,22 @@ def stages_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_caption(speed: dict) -> str:
+    """How the speed table was measured: rounds timed in alternation (``paired``) or one model after the other."""
+    how = (f"Prefill an L-token prompt, then decode {speed['new_tokens']} tokens greedily, "
+           f"{speed.get('repeats', 1)} times (batch {speed['batch_size']}, {speed['device']}): decode tok/s is the "
+           "median (range over the repeats). ")
+    if speed.get("paired"):
+        how += ("The models decode in alternating rounds on the same prompt, so a slow phase of the machine slows "
+                "both: a speedup is the median of the student's rate over the teacher's in the same round (range "
+                "over the rounds), and only one above 1 in every round is bold or counts as a win. ")
+    else:
+        how += ("A speedup's range pairs one model's slowest repeat with the other's fastest, and only a speedup above "
+                "1 over its whole range is bold or counts as a win. ")
+    return how + ("Cache = every tensor the model's cache holds after the first repeat (KV for attention layers; "
+                  "state and window for recurrent ones).")
+
+
 RECALL_CAPTION = ("A 5-digit key stated once at several depths inside filler text of the given length; accuracy "
                   "of greedy recall.")
 
@@ -197,12 +213,7 @@ def render(report: dict) -> str:
     if report.get("speed"):
         speed = report["speed"]
         parts += ["## Speed and memory against context",
-                  f"Prefill an L-token prompt, then decode {speed['new_tokens']} tokens greedily, "
-                  f"{speed.get('repeats', 1)} times in a row (batch {speed['batch_size']}, {speed['device']}): "
-                  "decode tok/s is the median (range over the repeats); a speedup's range pairs one model's "
-                  "slowest repeat with the other's fastest, and only a speedup above 1 over its whole range is "
-                  "bold or counts as a win. Cache = every tensor the model's cache holds after the first repeat "
-                  "(KV for attention layers; state and window for recurrent ones).",
+                  speed_caption(speed),
                   speed_markdown(speed), "![speed and memory](speed.png)"]
     if report.get("recall"):
         parts += ["## Passkey retrieval", RECALL_CAPTION, recall_table(report)]

@@ -2,11 +2,12 @@
 state, window, and the KV cache of any layer that kept attention), the same prompts, one run.
 
 For each context length L: prefill time of an L-token prompt, decode throughput of ``new_tokens`` greedy
-tokens after it (tokens/s, batch ``batch_size``) timed ``repeats`` times in a row — the median and the range are
-reported, and a ratio to the teacher carries the range it can take (one model's slowest repeat against the
-other's fastest), so that a ratio whose range crosses 1 is not read as a win — and decode memory = the bytes
-the cache holds after the first ``new_tokens`` (every tensor of every cache layer, counted once), plus the
-allocator's peak on CUDA.  Cache bytes are exact and device-independent; they are what grows with context.
+tokens after it (tokens/s, batch ``batch_size``) timed ``repeats`` times — the median and the range are reported —
+and decode memory = the bytes the cache holds after the first ``new_tokens`` (every tensor of every cache layer,
+counted once), plus the allocator's peak on CUDA.  Cache bytes are exact and device-independent; they are what
+grows with context.  ``compare`` times the models' decoding in alternating rounds, so that a ratio to the teacher
+is taken round by round (median and range over the rounds) and a machine whose speed drifts slows both sides of
+it alike; a ratio whose range crosses 1 is not read as a win.
 
     python eval/speed.py TEACHER_DIR STUDENT_DIR --lengths 512 1024 2048 4096 8192
 """
@@ -49,49 +50,80 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
+class Decoding:
+    """One model decoding greedily with its own cache: a timed prefill of ``ids`` [B, L] on construction, then
+    ``round(n)`` times n more tokens (tokens/s over all rows; each round continues the same cache).
+
+    ``cache_mb`` is taken after the first round; on CUDA ``peak_mb`` is the allocator's peak during the prefill and
+    first round above what was allocated before (cache and activations: not the weights, not another model's
+    cache)."""
+
+    @torch.inference_mode()
+    def __init__(self, model, ids: torch.Tensor):
+        from transformers.cache_utils import DynamicCache
+
+        self.model, self.device = model, next(model.parameters()).device
+        self.context, self.rows = ids.shape[1], ids.shape[0]
+        self.cache = DynamicCache(config=model.config)
+        self.rates, self.cache_mb, self.peak_mb = [], None, None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._allocated = torch.cuda.memory_allocated(self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True,
+                       logits_to_keep=1).logits
+        _sync(self.device)
+        self.prefill_s = time.perf_counter() - t0
+        self.token = logits[:, -1:].argmax(-1)
+
+    @torch.inference_mode()
+    def round(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True).logits
+            self.token = logits[:, -1:].argmax(-1)
+        _sync(self.device)
+        self.rates.append(n * self.rows / (time.perf_counter() - t0))
+        if self.cache_mb is None:
+            self.cache_mb = cache_bytes(self.cache) / 2 ** 20
+            if self.device.type == "cuda":
+                self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._allocated) / 2 ** 20
+        return self.rates[-1]
+
+    def row(self) -> dict:
+        """prefill seconds, decode tokens/s (median over the rounds, ``decode_range`` [min, max]), cache MB, peak MB."""
+        return {"context": self.context, "prefill_s": self.prefill_s,
+                "decode_tokens_per_s": statistics.median(self.rates),
+                "decode_range": [min(self.rates), max(self.rates)], "repeats": len(self.rates),
+                "cache_mb": self.cache_mb, "peak_mb": self.peak_mb}
+
+
+def _prompt(vocab_size: int, batch_size: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(seed))
+
+
 def measure(model, context_len: int, *, new_tokens: int = 32, batch_size: int = 1, seed: int = 0,
             prompt: torch.Tensor | None = None, repeats: int = 1) -> dict:
     """Prefill ``context_len`` tokens, then decode ``new_tokens`` greedily with the model's own cache, ``repeats``
     times in a row (each repeat continues the same cache: the context grows by ``new_tokens`` per repeat).
 
-    ``prompt`` [batch_size, >= context_len] token ids (default: seeded random ids).  Returns prefill
-    seconds, decode tokens/s (all rows; the median over repeats, and ``decode_range`` [min, max]), cache MB
-    after the first repeat, and CUDA peak MB (None on CPU).
+    ``prompt`` [batch_size, >= context_len] token ids (default: seeded random ids).  Returns ``Decoding.row``.
     """
-    from transformers.cache_utils import DynamicCache
-
-    device = next(model.parameters()).device
     if prompt is None:
-        g = torch.Generator().manual_seed(seed)
-        prompt = torch.randint(0, model.config.vocab_size, (batch_size, context_len), generator=g)
-    ids = prompt[:, :context_len].to(device)
-    cache = DynamicCache(config=model.config)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    _sync(device)
-    prefill = time.perf_counter() - t0
-    token = logits[:, -1:].argmax(-1)
-    rates, cache_mb = [], None
+        prompt = _prompt(model.config.vocab_size, batch_size, context_len, seed)
+    run = Decoding(model, prompt[:, :context_len])
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
-            token = logits[:, -1:].argmax(-1)
-        _sync(device)
-        rates.append(new_tokens * ids.shape[0] / (time.perf_counter() - t0))
-        cache_mb = cache_bytes(cache) / 2 ** 20 if cache_mb is None else cache_mb
-    return {"context": context_len, "prefill_s": prefill, "decode_tokens_per_s": statistics.median(rates),
-            "decode_range": [min(rates), max(rates)], "repeats": repeats, "cache_mb": cache_mb,
-            "peak_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
+        run.round(new_tokens)
+    return run.row()
 
 
 def decode_ratio(row: dict, ref: dict) -> tuple[float, float, float]:
-    """``row``'s decode speed over ``ref``'s: (ratio of medians, lowest, highest it can be over the repeats)."""
+    """``row``'s decode speed over ``ref``'s: (ratio, lowest, highest).  Rows timed in alternation with the reference
+    (``compare``) carry the ratio of each round, ``decode_speedup`` [median, min, max]; otherwise the ratio of the
+    medians and the range it can take over the repeats (one model's slowest against the other's fastest)."""
+    if row.get("decode_speedup"):
+        return tuple(row["decode_speedup"])
     lo, hi = row.get("decode_range") or [row["decode_tokens_per_s"]] * 2
     ref_lo, ref_hi = ref.get("decode_range") or [ref["decode_tokens_per_s"]] * 2
     return row["decode_tokens_per_s"] / ref["decode_tokens_per_s"], lo / ref_hi, hi / ref_lo
@@ -115,18 +147,38 @@ def summarize(rows: list[dict], reference: str, **meta) -> dict:
 
 def compare(models: dict, lengths: list[int], *, new_tokens: int = 32, batch_size: int = 1, warmup: int = 64,
             repeats: int = 1) -> dict:
-    """``profile`` every model at every length on the same prompts; returns rows and the crossovers.
+    """Every model at every length on the same prompt, their decoding timed in alternation; rows and crossovers.
 
-    ``models``: name -> model, the first is the reference (the teacher).
+    ``models``: name -> model, the first is the reference (the teacher).  At each length every model prefills the
+    prompt and decodes a first round of ``new_tokens``, one model after the other; then ``repeats`` - 1 more rounds
+    alternate between the models, in reverse order every other round.  A slow phase of a shared machine thus slows
+    every model alike, and each other model's row carries ``decode_speedup``: its rate over the reference's in the
+    same round, [median, min, max] over the rounds.
     """
     vocab = min(m.config.vocab_size for m in models.values())
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (batch_size, max(lengths)), generator=g)
-    rows = [row for name, model in models.items()
-            for row in profile(model, name, lengths, new_tokens=new_tokens, batch_size=batch_size, warmup=warmup,
-                               prompt=prompt, repeats=repeats)]
-    return summarize(rows, next(iter(models)), lengths=lengths, new_tokens=new_tokens, batch_size=batch_size,
-                     repeats=repeats,
+    prompt = _prompt(vocab, batch_size, max(lengths))
+    for model in models.values():   # untimed: allocations, first calls
+        measure(model, min(warmup, lengths[0]), new_tokens=2, batch_size=batch_size, prompt=prompt)
+    reference = next(iter(models))
+    rows = []
+    for length in lengths:
+        runs = {}
+        for name, model in models.items():
+            runs[name] = Decoding(model, prompt[:, :length])
+            runs[name].round(new_tokens)
+        order = list(runs.values())
+        for r in range(1, repeats):
+            for run in (order if r % 2 == 0 else order[::-1]):
+                run.round(new_tokens)
+        for name, run in runs.items():
+            row = {"model": name, **run.row()}
+            if name != reference:
+                ratios = [a / b for a, b in zip(run.rates, runs[reference].rates)]
+                row["decode_speedup"] = [statistics.median(ratios), min(ratios), max(ratios)]
+            rows.append(row)
+        del runs, order   # the caches of this length
+    return summarize(rows, reference, lengths=lengths, new_tokens=new_tokens, batch_size=batch_size,
+                     repeats=repeats, paired=True,
                      device=str(next(next(iter(models.values())).parameters()).device))
 
 

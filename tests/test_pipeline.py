@@ -85,6 +85,9 @@ def test_run_evaluates_tasks_and_speed_and_writes_the_report(run_dir):
     assert rows[("student", 256)]["cache_mb"] < rows[("teacher", 256)]["cache_mb"]
     smaller_from = 32 if rows[("student", 32)]["cache_mb"] < rows[("teacher", 32)]["cache_mb"] else 256
     assert report["speed"]["crossover"]["student"]["cache_mb"] == smaller_from
+    # the teacher is loaded again at the end and decodes in alternation with the student: a ratio per round
+    assert report["speed"]["paired"] and all(len(r["decode_speedup"]) == 3 for r in report["speed"]["rows"]
+                                             if r["model"] == "student")
     text = (out / "REPORT.md").read_text()
     assert [r["context"] for r in report["recall"]["student"]] == [96, 160] and report["recall"]["teacher"]
     for heading in ("## Perplexity", "## lm-eval tasks", "## Speed and memory against context", "## Training",
@@ -97,19 +100,17 @@ def test_run_evaluates_tasks_and_speed_and_writes_the_report(run_dir):
     assert text.strip() in res.stdout   # the console prints the report itself
 
 
-def test_compare_puts_two_reports_side_by_side(run_dir, tmp_path):
+def test_compare_puts_two_reports_side_by_side(run_dir, tmp_path, cli):
     out, _ = run_dir
     other = json.loads((out / "report.json").read_text())
     other["perplexity"]["student"] += 1.0
     (tmp_path / "report.json").write_text(json.dumps(other))
-    res = subprocess.run([sys.executable, "-m", "convert", "compare", str(out), str(tmp_path)], capture_output=True,
-                         text=True, cwd=REPO)
-    assert res.returncode == 0, res.stderr
-    assert "| perplexity: student |" in res.stdout and "| +1.00 |" in res.stdout
-    assert "piqa_offline acc_norm: student" in res.stdout and "student cache MB at 256" in res.stdout
-    bad = subprocess.run([sys.executable, "-m", "convert", "compare", str(out), str(tmp_path / "nope")],
-                         capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 2 and "no report.json there" in bad.stderr
+    code, stdout, stderr = cli("compare", out, tmp_path)
+    assert code == 0, stderr
+    assert "| perplexity: student |" in stdout and "| +1.00 |" in stdout
+    assert "piqa_offline acc_norm: student" in stdout and "student cache MB at 256" in stdout
+    code, _, stderr = cli("compare", out, tmp_path / "nope")
+    assert code == 2 and "no report.json there" in stderr
 
 
 def test_run_saves_resolved_recipe_with_hash(run_dir):
@@ -154,12 +155,10 @@ def test_perplexity_of_uniform_model_is_vocab_size():
         perplexity(Uniform(), [torch.arange(1)])
 
 
-def test_auto_keep_attention_keeps_the_layers_with_the_highest_stage1_error(tmp_path):
-    env = {**os.environ, "RNNIFY_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
-                          f"output_dir={tmp_path / 'out'}", "eval.max_tokens=1024", "convert.keep_attention={auto: 2}",
-                          "stages.1.tokens=1024"], capture_output=True, text=True, env=env, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_auto_keep_attention_keeps_the_layers_with_the_highest_stage1_error(tmp_path, cli):
+    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
+                          "eval.max_tokens=1024", "convert.keep_attention={auto: 2}", "stages.1.tokens=1024")
+    assert code == 0, stderr[-3000:]
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     errors = json.loads((out / "stages" / "0-attention_transfer" / "layer_errors.json").read_text())
@@ -263,10 +262,9 @@ def test_export_writes_a_model_card_and_pushes_to_the_hub_endpoint(run_dir, tmp_
     assert base64.b64decode(uploaded["README.md"]["content"]).decode() == card
 
 
-def test_export_without_a_run_is_a_clear_error(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "convert", "export", str(tmp_path)], capture_output=True, text=True,
-                         cwd=REPO)
-    assert res.returncode == 2 and "no report.json" in res.stderr
+def test_export_without_a_run_is_a_clear_error(tmp_path, cli):
+    code, _, stderr = cli("export", tmp_path)
+    assert code == 2 and "no report.json" in stderr
 
 
 def test_lm_eval_cli_evaluates_the_saved_student(run_dir, tmp_path):
@@ -314,14 +312,12 @@ def test_report_and_card_say_how_kept_layers_attend():
     assert kept_window({"attention_layers": [], "attention_window": 512}) == ""   # nothing kept
 
 
-def test_budget_curve_ranks_layers_two_ways_and_reports_quality_against_attention_kept(tmp_path):
-    env = {**os.environ, "RNNIFY_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
-                          f"output_dir={tmp_path / 'out'}", "convert.keep_attention=none", "eval.max_tokens=512",
+def test_budget_curve_ranks_layers_two_ways_and_reports_quality_against_attention_kept(tmp_path, cli):
+    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
+                          "convert.keep_attention=none", "eval.max_tokens=512",
                           "eval.recall={lengths: [96], depths: [0.5], trials: 1}", "stages.1.tokens=512",
-                          "budget_curve={keep: [0, 1], rank_by: [relative_mse, kl], kl_rows: 2, cache_context: 512}"],
-                         capture_output=True, text=True, env=env, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
+                          "budget_curve={keep: [0, 1], rank_by: [relative_mse, kl], kl_rows: 2, cache_context: 512}")
+    assert code == 0, stderr[-3000:]
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     curve = report["budget_curve"]
@@ -343,11 +339,9 @@ def test_budget_curve_ranks_layers_two_ways_and_reports_quality_against_attentio
     assert "## Quality vs attention kept" in text and (out / "budget_curve.png").stat().st_size > 1000
 
 
-def test_lora_targets_that_match_nothing_stop_the_run_before_training(tmp_path):
-    env = {**os.environ, "RNNIFY_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
-                          f"output_dir={tmp_path / 'out'}", "stages.1.lora.target_modules=[qkv_proj]"],
-                         capture_output=True, text=True, env=env, cwd=REPO)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+def test_lora_targets_that_match_nothing_stop_the_run_before_training(tmp_path, cli):
+    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
+                          "stages.1.lora.target_modules=[qkv_proj]")
+    assert code == 2 and "Traceback" not in stderr
     assert "tiny.yaml: stages[1].lora.target_modules: lora.target_modules ['qkv_proj'] match no Linear layer" \
-        in res.stderr and not (tmp_path / "out" / "stages").exists()
+        in stderr and not (tmp_path / "out" / "stages").exists()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from convert.convert import convert
-from eval.speed import cache_bytes, compare, crossovers, markdown, measure, plot
+from eval.speed import cache_bytes, compare, crossovers, decode_ratio, markdown, measure, plot
 from tests.conftest import make_teacher
 
 
@@ -122,20 +122,36 @@ def test_decode_profile_splits_a_token_into_module_kinds_for_teacher_and_student
     assert table.splitlines()[-2].endswith("| 1.00× |")
 
 
-def test_paired_decode_alternates_models_and_reports_round_by_round_speedups():
-    """eval/decode_profile.py --paired: each round times every model once, the speedup is the first model's time
-    over the other's per round (median and quartiles), and the table has one row per model."""
-    from convert.convert import convert
-    from eval.decode_profile import paired_decode, paired_markdown
-    from tests.conftest import make_teacher
-
+def test_compare_times_the_models_in_alternating_rounds_and_reports_the_speedup_of_each_round():
+    """Each model prefills and decodes a first round in turn, then the rounds alternate (in reverse order every
+    other round); the student's row carries its rate over the teacher's per round: [median, min, max]."""
     models = {"teacher": make_teacher("llama"),
               "student": convert(make_teacher("llama"), {"type": "hedgehog", "window": 4}, [0, 2])}
-    result = paired_decode(models, 10, 3, rounds=4)
-    assert len(result["teacher"]) == len(result["student"]) == 4 and min(result["student"]) > 0
-    ratios = sorted(t / s for t, s in zip(result["teacher"], result["student"]))
-    median, low, high = result["speedup"]["student"]
-    assert low <= median <= high and median == pytest.approx((ratios[1] + ratios[2]) / 2)
-    table = paired_markdown(result, 10, 3, 4)
-    assert "(context 10 to 22)" in table and table.count("\n| student |") == 1
-    assert table.splitlines()[-2].startswith("| teacher |") and table.splitlines()[-2].endswith("| 1.00× |")
+    calls = []
+    for name, model in models.items():
+        model.register_forward_pre_hook(lambda m, args, kwargs, name=name: calls.append((name, kwargs["input_ids"].shape[1])),
+                                        with_kwargs=True)
+    result = compare(models, [10], new_tokens=3, warmup=10, repeats=4)
+    t, s = ("teacher", 1), ("student", 1)
+    warmup = [("teacher", 10), t, t, ("student", 10), s, s]
+    rounds = [("teacher", 10), t, t, t, ("student", 10), s, s, s] + [s] * 3 + [t] * 3 + [t] * 3 + [s] * 3 + [s] * 3 + [t] * 3
+    assert calls == warmup + rounds
+    rows = {r["model"]: r for r in result["rows"]}
+    median, low, high = rows["student"]["decode_speedup"]
+    assert result["paired"] and rows["student"]["repeats"] == rows["teacher"]["repeats"] == 4
+    assert 0 < low <= median <= high and "decode_speedup" not in rows["teacher"]
+    assert decode_ratio(rows["student"], rows["teacher"]) == (median, low, high)
+
+
+def test_a_paired_speedup_counts_only_when_the_student_is_faster_in_every_round():
+    def row(model, L, speedup=None):
+        r = {"model": model, "context": L, "decode_tokens_per_s": 10.0, "decode_range": [8.0, 12.0], "repeats": 5,
+             "prefill_s": 1.0, "cache_mb": 1.0}
+        return {**r, "decode_speedup": speedup} if speedup else r
+    rows = [row("teacher", 512), row("teacher", 1024),
+            row("student", 512, [1.04, 0.97, 1.10]),    # faster in most rounds, not in all
+            row("student", 1024, [1.20, 1.05, 1.30])]   # faster in every round
+    cross = crossovers(rows, "teacher")
+    assert cross["student"]["decode_tokens_per_s"] == 1024
+    table = markdown({"rows": rows, "crossover": cross})
+    assert "| 1.04× (0.97–1.10) |" in table and "**1.20× (1.05–1.30)**" in table
