@@ -260,7 +260,8 @@ class SpeedSection(_Strict):
     """Prefill time, decode tokens/s and cache memory against context length, teacher vs student."""
     lengths: Annotated[list[Annotated[int, Field(gt=1)]], Field(min_length=1)] = [512, 1024, 2048, 4096, 8192]
     new_tokens: Annotated[int, Field(gt=0, description="greedy tokens decoded after each prompt, per repeat")] = 32
-    repeats: Annotated[int, Field(gt=0, description="decode timings per length: median and range reported")] = 5
+    repeats: Annotated[int, Field(gt=0, description="decode rounds per length, teacher and student in alternation: "
+                                                  "median and range reported")] = 5
     batch_size: Annotated[int, Field(gt=0)] = 1
 
     @field_validator("lengths")

@@ -276,7 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("student")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="decode timings per length (median and range)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="decode rounds per length, the models in alternation (median and range)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -281,25 +281,22 @@ def test_lm_eval_cli_evaluates_the_saved_student(run_dir, tmp_path):
     assert saved["acc,none"] == pytest.approx(report["acc"], abs=1e-9)   # the same figure outside rnnify
 
 
-def test_eval_command_reevaluates_a_finished_run(run_dir, tmp_path):
+def test_eval_command_reevaluates_a_finished_run(run_dir, tmp_path, cli, monkeypatch):
     import shutil
     out = tmp_path / "run"
     shutil.copytree(run_dir[0], out, ignore=shutil.ignore_patterns("lm_eval"))
     before = json.loads((out / "report.json").read_text())
-    env = {**os.environ, "RNNIFY_CACHE": str(run_dir[0].parent / "cache"), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "convert", "eval", str(REPO / "tests/recipes/tiny.yaml"),
-                          f"output_dir={out}", "eval.max_tokens=2048", "eval.tasks=[{name: piqa_offline, limit: 4}]",
-                          "eval.speed={lengths: [16, 64], new_tokens: 2}"], capture_output=True, text=True, env=env,
-                         cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
+    monkeypatch.setenv("RNNIFY_CACHE", str(run_dir[0].parent / "cache"))   # the run's own teacher
+    code, _, stderr = cli("eval", REPO / "tests/recipes/tiny.yaml", f"output_dir={out}", "eval.max_tokens=2048",
+                          "eval.tasks=[{name: piqa_offline, limit: 4}]", "eval.speed={lengths: [16, 64], new_tokens: 2}")
+    assert code == 0, stderr[-3000:]
     after = json.loads((out / "report.json").read_text())
     assert after["perplexity"]["student"] == pytest.approx(before["perplexity"]["student"], rel=1e-5)  # saved = in-run
     assert after["stages"] == before["stages"] and after["tasks"]["student"]["piqa_offline"]["samples"] == 4
     assert sorted({r["context"] for r in after["speed"]["rows"]}) == [16, 64]
     assert "| 64 |" in (out / "REPORT.md").read_text()
-    missing = subprocess.run([sys.executable, "-m", "convert", "eval", str(REPO / "tests/recipes/tiny.yaml"),
-                              f"output_dir={tmp_path / 'none'}"], capture_output=True, text=True, env=env, cwd=REPO)
-    assert missing.returncode == 2 and "has no finished run" in missing.stderr
+    code, _, stderr = cli("eval", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'none'}")
+    assert code == 2 and "has no finished run" in stderr
 
 
 def test_report_and_card_say_how_kept_layers_attend():

@@ -1,6 +1,7 @@
 """Kill a run with SIGKILL during stage 2, run the same command again: it resumes from the last checkpoint and
 ends with the same losses and weights as an uninterrupted run (CPU, deterministic)."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ def command(out):
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_sigkill_during_distill_then_rerun_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_during_distill_then_rerun_matches_an_uninterrupted_run(tmp_path, cli, caplog, monkeypatch):
     straight = subprocess.run(command(tmp_path / "a"), capture_output=True, text=True, cwd=REPO, env=ENV)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -58,10 +59,13 @@ def test_sigkill_during_distill_then_rerun_matches_an_uninterrupted_run(tmp_path
     # the same command once more: both stages are done, nothing is trained or evaluated again
     report = json.loads((out / "report.json").read_text())
     log_before = (out / "stages" / "1-distill" / "log.jsonl").read_text()
-    rerun = subprocess.run(command(out), capture_output=True, text=True, cwd=REPO, env=ENV)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stderr.count("done before: weights restored from its last checkpoint") == 2, rerun.stderr[-3000:]
-    assert "evaluation of teacher: reused" in rerun.stderr
+    # (this process runs the CLI from here on: no training is interrupted, and a new interpreter costs seconds)
+    caplog.set_level(logging.INFO)
+    monkeypatch.chdir(REPO)
+    code, _, stderr = cli(*command(out)[3:])
+    assert code == 0, stderr[-3000:]
+    assert caplog.text.count("done before: weights restored from its last checkpoint") == 2, caplog.text[-3000:]
+    assert "evaluation of teacher: reused" in caplog.text
     again_report = json.loads((out / "report.json").read_text())
     assert again_report["perplexity"] == report["perplexity"] and again_report["stages"] == report["stages"]
     assert (out / "stages" / "1-distill" / "log.jsonl").read_text() == log_before
@@ -69,10 +73,10 @@ def test_sigkill_during_distill_then_rerun_matches_an_uninterrupted_run(tmp_path
     assert all((a[k] == c[k]).all() for k in a)
 
     # a changed stage 2 is redone; stage 1, unchanged, is not
-    changed = subprocess.run(command(out)[:-1] + [STAGES.replace("lr: 0.01", "lr: 0.02")], capture_output=True,
-                             text=True, cwd=REPO, env=ENV)
-    assert changed.returncode == 0, changed.stderr[-3000:]
-    assert changed.stderr.count("done before") == 1 and "distill: resuming from" not in changed.stderr
+    caplog.clear()
+    code, _, stderr = cli(*command(out)[3:-1], STAGES.replace("lr: 0.01", "lr: 0.02"))
+    assert code == 0, stderr[-3000:]
+    assert caplog.text.count("done before") == 1 and "distill: resuming from" not in caplog.text
     assert json.loads((out / "report.json").read_text())["stages"][1]["final_loss"] != report["stages"][1]["final_loss"]
 
 

@@ -362,6 +362,22 @@ print(out.sequences[0].tolist())
     assert tokens == str(here)   # the sink's weights came back with the model
 
 
+def test_an_exported_student_loaded_beside_rnnifys_own_leaves_both_working(tmp_path, tokenizer):
+    """Loading a saved student (its own copy of the windowed attention, registered with transformers by name) in a
+    process that also runs rnnify's student: each keeps dispatching to its own copy (blocked prefill, ring decode)."""
+    from transformers import AutoModelForCausalLM
+    student = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 3}, [0, 2],
+                                       attention_window=4, attention_sink=True))
+    save_student(student, tmp_path / "s", tokenizer)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s", trust_remote_code=True).eval()
+    assert type(loaded).__module__ != type(student).__module__   # the exported copy of the code
+    ids = torch.randint(0, 97, (1, 13), generator=torch.Generator().manual_seed(0))   # > 2 windows: blocked prefill
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits)
+        assert loaded.generate(ids, **kw).tolist() == student.generate(ids, **kw).tolist()
+
+
 def sink_student(mixer_layers=(0, 2), window=6):
     return randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 5}, list(mixer_layers),
                                     attention_window=window, attention_sink=True))   # sinks randomized too

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-WINDOWED_IMPLEMENTATION = "rnnify_windowed"
+# one name per copy of this module (rnnify's own, and the one each exported student carries): a model dispatches
+# to the copy whose mask and cache classes it builds, also when several copies are loaded in one process
+WINDOWED_IMPLEMENTATION = "rnnify_windowed_" + __name__.replace(".", "_")
 
 
 class BlockedWindow:
