@@ -366,19 +366,15 @@ def load_teacher(location: str, recipe: Recipe, device: str):
 
 
 def measure_speed(load_teacher_model, student, recipe: Recipe) -> dict | None:
-    """Speed/memory of the teacher (loaded again by ``load_teacher_model()`` for this, and freed after) and the
-    student at the recipe's context lengths, their decoding timed in alternating rounds (``eval.speed.compare``)."""
+    """Speed/memory of the teacher (loaded again by ``load_teacher_model()`` for this only) and the student at the
+    recipe's context lengths, their decoding timed in alternating rounds (``eval.speed.compare``)."""
     spec = recipe.eval.speed
     if spec is None:
         return None
     from eval.speed import compare
     log.info("speed/memory of teacher and student at %s tokens, decoding in alternation", spec.lengths)
-    teacher = load_teacher_model()
-    try:
-        return compare({"teacher": teacher, "student": student}, spec.lengths, new_tokens=spec.new_tokens,
-                       batch_size=spec.batch_size, repeats=spec.repeats)
-    finally:
-        del teacher
+    return compare({"teacher": load_teacher_model(), "student": student}, spec.lengths, new_tokens=spec.new_tokens,
+                   batch_size=spec.batch_size, repeats=spec.repeats)
 
 
 def component_ablation(student, windows, recipe: Recipe, student_perplexity: float) -> dict | None:

@@ -176,7 +176,7 @@ def compare(models: dict, lengths: list[int], *, new_tokens: int = 32, batch_siz
                 ratios = [a / b for a, b in zip(run.rates, runs[reference].rates)]
                 row["decode_speedup"] = [statistics.median(ratios), min(ratios), max(ratios)]
             rows.append(row)
-        del runs, order   # the caches of this length
+        del runs, order, run   # the caches of this length, before the next length's prefill
     return summarize(rows, reference, lengths=lengths, new_tokens=new_tokens, batch_size=batch_size,
                      repeats=repeats, paired=True,
                      device=str(next(next(iter(models.values())).parameters()).device))
