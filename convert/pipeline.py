@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from datetime import timedelta
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -148,11 +148,11 @@ def check_trackers(recipe: Recipe, source: str) -> None:
                               f"'rnnify[{name}]' (or pip install {TRACKER_PACKAGES[name]})")
 
 
-@lru_cache(maxsize=1)
 def lm_eval_task_names() -> frozenset:
-    """Every task lm-eval knows (indexing its task folders takes seconds: once per process)."""
-    from lm_eval.tasks import TaskManager
-    return frozenset(TaskManager().all_tasks)
+    """Every task lm-eval knows, offline copies included (the evaluation's own task manager, indexed once per
+    process: seconds)."""
+    from eval.harness import task_manager
+    return frozenset(task_manager(True).all_tasks)
 
 
 def check_tasks(recipe: Recipe, source: str, prepare: bool = False) -> None:

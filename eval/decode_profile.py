@@ -91,7 +91,6 @@ def profile_decode(model, context: int, tokens: int, repeats: int = 3, seed: int
     return out
 
 
-@torch.inference_mode()
 def _ancestors(parents: dict, module) -> list:
     """Modules that contain ``module`` (so that a kind is timed once, at its outermost module)."""
     chain = []
