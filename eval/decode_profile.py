@@ -4,6 +4,7 @@ the norms; the LM head) and the rest (embedding, residuals, masks, the decoder l
 
     python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 512 --tokens 64 --repeats 3
     python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 512 --tokens 8 --paired 16
+    python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 512 --tokens 16 --paired 8 --pytorch-step
 
 Each module kind is timed by forward hooks around every module of that class, in the same process and on the
 same prompt for both models; hooks add the same small cost per call to both, so read the columns side by side
@@ -11,6 +12,8 @@ same prompt for both models; hooks add the same small cost per call to both, so 
 decoded tokens, each after a prefill of ``context`` tokens.  With ``--paired ROUNDS`` it times the two models'
 decoding in alternating rounds instead, without hooks (``eval.speed.compare``): on a shared machine whose speed
 drifts, the ratio of adjacent rounds is steadier than the ratio of two models timed one after the other.
+``--pytorch-step`` adds a second copy of the student that decodes with the PyTorch step instead of the fused C
+step of its Hedgehog layers (``kernels.hedgehog_window``): the fused step's gain, in the same rounds.
 """
 from __future__ import annotations
 
@@ -100,6 +103,24 @@ def _ancestors(parents: dict, module) -> list:
     return chain
 
 
+def with_pytorch_step(forward):
+    """``forward`` run with ``$RNNIFY_KERNELS_BACKEND=torch``: the mixers it drives bind their decode rings to the
+    PyTorch step instead of the fused one (they decide when a ring is bound; the variable is restored after)."""
+    import os
+
+    def run(*args, **kwargs):
+        saved = os.environ.get("RNNIFY_KERNELS_BACKEND")
+        os.environ["RNNIFY_KERNELS_BACKEND"] = "torch"
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ["RNNIFY_KERNELS_BACKEND"]
+            else:
+                os.environ["RNNIFY_KERNELS_BACKEND"] = saved
+    return run
+
+
 def markdown(rows: dict[str, dict], context: int, tokens: int) -> str:
     """One row per model: ms per token by module kind, and the ratio of totals to the first model's."""
     names = list(rows)
@@ -125,14 +146,24 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                         help="instead: time the two models' decoding in alternating rounds (no hooks)")
+    parser.add_argument("--pytorch-step", action="store_true",
+                        help="with --paired: also a second copy of the student that decodes with the PyTorch step "
+                             "instead of the fused one (kernels.hedgehog_window), in the same rounds")
+    parser.add_argument("--batch", type=int, default=1, help="with --paired: rows decoded at once")
     args = parser.parse_args(argv)
     if args.paired:   # eval/speed.py's alternating rounds at this one length
         from eval.speed import compare
         from eval.speed import markdown as speed_markdown
+        paths = [("teacher", args.teacher), ("student", args.student)]
+        if args.pytorch_step:
+            paths.append(("student, PyTorch step", args.student))
         models = {name: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
                                                              dtype=torch.float32).eval()
-                  for name, path in (("teacher", args.teacher), ("student", args.student))}
-        print(speed_markdown(compare(models, [args.context], new_tokens=args.tokens, repeats=args.paired)))
+                  for name, path in paths}
+        if args.pytorch_step:
+            models["student, PyTorch step"].forward = with_pytorch_step(models["student, PyTorch step"].forward)
+        print(speed_markdown(compare(models, [args.context], new_tokens=args.tokens, repeats=args.paired,
+                                     batch_size=args.batch)))
         return 0
     rows = {}
     for name, path in (("teacher", args.teacher), ("student", args.student)):

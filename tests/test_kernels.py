@@ -303,3 +303,79 @@ def test_benchmark_records_the_fastest_backend_per_op_for_the_dispatcher(monkeyp
     bench.record("GPU A", {"decay_scalar": "torch"})
     assert json.loads(dispatch.fastest_file().read_text()) == {
         "GPU A": {"delta": "fla", "decay_scalar": "torch"}, "GPU B": choice}
+
+
+def hedgehog_window_inputs(B=2, H=6, Hkv=2, D=16, S=7, F=8, Dv=12, seed=0):
+    """A ring of S slots whose normalisers are 1 (real), 0 (empty/padding) or 0.5 (a general score bias)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cpu")
+
+    values = randn(B, Hkv, S, Dv + 1)
+    values[..., -1] = torch.tensor([1, 1, 0, 1, 0.5, 1, 0])[:S]
+    return dict(q=randn(B, H, D), k=randn(B, Hkv, D), v=randn(B, Hkv, Dv), keys=randn(B, Hkv, S, D), values=values,
+                state=torch.rand(B, H, 2 * F, Dv + 1, generator=g, device="cpu"), feature_q=randn(H, D, F) / 2,
+                feature_k=randn(H, D, F) / 2, share=torch.rand(H, generator=g, device="cpu"))
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["key-leaves-window", "ring-filling"])
+@pytest.mark.parametrize("valid", [None, [1.0, 0.0]], ids=["unpadded", "padded-row"])
+@pytest.mark.parametrize("shape", [dict(H=6, Hkv=2), dict(H=4, Hkv=4, D=64, F=64, Dv=64, S=5, B=1)],
+                         ids=["gqa", "mha-64"])
+def test_fused_hedgehog_window_step_matches_its_reference(push, valid, shape):
+    """The fused C step (in place) against the reference (new tensors): output, ring and state."""
+    from kernels import hedgehog_window
+
+    inputs = hedgehog_window_inputs(**shape)
+    valid = None if valid is None else torch.tensor(valid[:inputs["q"].shape[0]], device="cpu")
+    kw = dict(slot=2, push=push, scaling=0.25, eps=1e-6, valid=valid)
+    assert hedgehog_window.usable(inputs["q"], inputs["keys"], inputs["values"], inputs["state"])
+    o_ref, keys_ref, values_ref, state_ref = hedgehog_window.naive(**inputs, **kw)
+    fused = {name: x.clone() for name, x in inputs.items()}
+    o = hedgehog_window.decode_step(**fused, **kw)
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused["keys"], keys_ref, rtol=0, atol=0)
+    torch.testing.assert_close(fused["values"], values_ref, rtol=0, atol=0)
+    torch.testing.assert_close(fused["state"], state_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused["state"], inputs["state"]) != push   # the state changes exactly when a key leaves
+
+
+def test_fused_hedgehog_window_step_says_when_it_cannot_run(monkeypatch, tmp_path, caplog):
+    """No compiler, a failing build, a forced PyTorch backend, another dtype or device: ``usable`` is False (the
+    caller runs its PyTorch step) and the reason is logged; bad shapes name every shape; a step whose ring is
+    gone says so instead of writing freed memory."""
+    from kernels import hedgehog_window
+    from kernels.hedgehog_window import cpu
+
+    inputs = hedgehog_window_inputs()
+    ring = (inputs["q"], inputs["keys"], inputs["values"], inputs["state"])
+    monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path))
+    try:
+        for cc, said in (("no-such-compiler", "no C compiler"), ("false", "could not build step.c")):
+            monkeypatch.setenv("CC", cc)
+            cpu.library.cache_clear()
+            with caplog.at_level("INFO", logger="kernels"):
+                assert not hedgehog_window.usable(*ring)
+            assert said in caplog.text
+        assert not list(tmp_path.glob("kernels/*"))   # nothing half-built left behind
+    finally:
+        cpu.library.cache_clear()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "torch")
+    assert not hedgehog_window.usable(*ring)
+    monkeypatch.delenv("RNNIFY_KERNELS_BACKEND")
+    assert hedgehog_window.usable(*ring)   # built into this test's cache
+    assert not hedgehog_window.usable(inputs["q"].double(), *ring[1:])
+    with pytest.raises(ValueError, match=r"shapes do not match \(keys \(2, 2, 7, 16\), values \(2, 2, 7, 13\), "
+                                         r"state \(2, 6, 15, 13\)"):
+        hedgehog_window.decode_step(**{**inputs, "state": inputs["state"][:, :, 1:]}, slot=0, push=True,
+                                    scaling=1.0, eps=1e-6)
+    with pytest.raises(ValueError, match=r"does not fit the ring \(q \(2, 6, 16\), k \(2, 2, 8\)"):
+        hedgehog_window.decode_step(**{**inputs, "k": inputs["k"][..., :8]}, slot=0, push=True, scaling=1.0, eps=1e-6)
+    with pytest.raises(ValueError, match="contiguous fp32 CPU tensors; got torch.float64"):
+        hedgehog_window.decode_step(**{**inputs, "k": inputs["k"].double()}, slot=0, push=True, scaling=1.0, eps=1e-6)
+    step = hedgehog_window.DecodeStep(*(inputs[name].clone() for name in ("keys", "values", "state")),
+                                      inputs["feature_q"], inputs["feature_k"], inputs["share"], scaling=1.0, eps=1e-6)
+    with pytest.raises(RuntimeError, match="the ring or state this step was bound to is gone"):
+        step(inputs["q"], inputs["k"], inputs["v"], slot=0, push=True)

@@ -122,6 +122,28 @@ def test_decode_profile_splits_a_token_into_module_kinds_for_teacher_and_student
     assert table.splitlines()[-2].endswith("| 1.00× |")
 
 
+def test_decode_profile_pytorch_step_copy_decodes_without_the_fused_step(monkeypatch):
+    """``--pytorch-step``'s student copy binds its rings to the PyTorch step (an unwrapped copy to the fused one),
+    and the environment is left as it was."""
+    import os
+
+    from eval.decode_profile import with_pytorch_step
+    from kernels import hedgehog_window
+
+    monkeypatch.delenv("RNNIFY_KERNELS_BACKEND", raising=False)
+    fused_calls, fused_step = [], hedgehog_window.DecodeStep.__call__
+    monkeypatch.setattr(hedgehog_window.DecodeStep, "__call__",
+                        lambda *a, **kw: fused_calls.append(1) or fused_step(*a, **kw))
+    for pytorch_step in (False, True):
+        student = convert(make_teacher("llama"), {"type": "hedgehog", "window": 4}, [0, 2])
+        if pytorch_step:
+            student.forward = with_pytorch_step(student.forward)
+        fused_calls.clear()
+        assert measure(student, 9, new_tokens=6)["decode_tokens_per_s"] > 0
+        assert bool(fused_calls) != pytorch_step
+    assert "RNNIFY_KERNELS_BACKEND" not in os.environ
+
+
 def test_compare_times_the_models_in_alternating_rounds_and_reports_the_speedup_of_each_round():
     """Each model prefills and decodes a first round in turn, then the rounds alternate (in reverse order every
     other round); the student's row carries its rate over the teacher's per round: [median, min, max]."""

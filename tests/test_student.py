@@ -413,10 +413,18 @@ def test_attention_sink_is_seen_past_the_window_only_and_matches_its_own_cache()
         assert torch.equal(batched[i], student.generate(p[None], **kw)[0, p.numel():])
 
 
-def test_windowed_decode_step_equals_the_general_form_and_follows_parameter_changes(monkeypatch):
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_windowed_decode_step_equals_the_general_form_and_follows_parameter_changes(monkeypatch, backend):
     """The one-token decode of a windowed Hedgehog (grouped heads, constants kept per cache, state updated in
-    place) computes what the general windowed form computes, also after parameters change between steps."""
+    place) computes what the general windowed form computes, also after parameters change between steps: the
+    fused C step (``kernels.hedgehog_window``, the default on CPU) and the PyTorch step alike."""
     from convert.student.mixer_hedgehog import Hedgehog
+    from kernels import hedgehog_window
+
+    if backend == "torch":
+        monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "torch")
+    used, fused_step = [], hedgehog_window.DecodeStep.__call__
+    monkeypatch.setattr(hedgehog_window.DecodeStep, "__call__", lambda *a, **kw: used.append(1) or fused_step(*a, **kw))
 
     def decode(student):
         ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
@@ -438,10 +446,24 @@ def test_windowed_decode_step_equals_the_general_form_and_follows_parameter_chan
                                         [0, 2], attention_window=6, attention_sink=True))
 
     fast = decode(student())
-    monkeypatch.setattr(Hedgehog, "_decode_windowed", lambda self, q, k, v1, state, cache: self._mix_windowed(
-        q, k, v1, self.feature_map(q, self.feature_q), cache))
+    assert bool(used) == (backend == "fused")
+    monkeypatch.setattr(Hedgehog, "_decode_windowed", lambda self, q, k, v, valid, state, cache: self._mix_windowed(
+        q, k, self.with_normaliser(v, valid), self.feature_map(q, self.feature_q), cache))
     general = decode(student())
     torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-4)
+
+
+def test_a_student_that_decoded_with_the_fused_step_deep_copies_and_the_copy_decodes_alike():
+    """The fused step's binding lives on the mixer (by weak reference, nothing of ctypes): a decoded model can
+    be deep-copied (as layer selection does), and the copy binds its own rings."""
+    import copy
+
+    student = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 4, "sink": True},
+                                       [0, 2], attention_window=6, attention_sink=True))
+    ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(2))
+    first = prefill_then_decode_logits(student, ids, split=5)
+    twin = copy.deepcopy(student)
+    torch.testing.assert_close(prefill_then_decode_logits(twin, ids, split=5), first, rtol=0, atol=0)
 
 
 def test_windowed_decode_ring_survives_continuation_and_batch_reordering():

@@ -22,6 +22,11 @@ from torch import nn
 from .attention_windowed import ring_to_window, window_to_ring
 from .mixer_registry import Mixer, register_mixer, run_chunk
 
+try:  # rnnify's kernels: the decode step fused into one C call on CPU (without rnnify: the PyTorch step below)
+    from kernels import RNNIFY_KERNELS, hedgehog_window  # noqa: F401
+except ImportError:
+    hedgehog_window = None
+
 
 _STAMPS = itertools.count()   # tells apart the successive decode constants of a mixer
 
@@ -71,13 +76,11 @@ class Hedgehog(Mixer):
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
         q, k, v = self.project(x, position_embeddings)
-        v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)                 # [B,T,Hkv,Dv+1]: values, then 1
-        if valid is not None:                                             # padded tokens add nothing
-            v1 = v1 * valid[:, :, None, None].to(v1.dtype)
         if self.window and q.shape[1] == 1 and packed is None and not torch.is_grad_enabled():
             state = self.read_state(cache)
             if state is not None and not cache.layers[self.layer_idx].record_past:
-                return self._decode_windowed(q, k, v1, state, cache)
+                return self._decode_windowed(q, k, v, valid, state, cache)
+        v1 = self.with_normaliser(v, valid)
         phi_q = self.feature_map(q, self.feature_q)
         if not self.window:
             phi_k = self.feature_map(self.expand(k), self.feature_k)
@@ -85,6 +88,13 @@ class Hedgehog(Mixer):
                                 torch.zeros(phi_q.shape[:3], device=q.device), None, cache, scale=1.0, packed=packed)
             return o[..., :-1] / (o[..., -1:] + self.opts["eps"])
         return self._mix_windowed(q, k, v1, phi_q, cache, packed)
+
+    @staticmethod
+    def with_normaliser(v, valid):
+        """v [B,T,Hkv,Dv] -> [B,T,Hkv,Dv+1]: the values, then 1 (their normaliser); zero for padding (``valid``
+        [B,T] 0)."""
+        v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)
+        return v1 if valid is None else v1 * valid[:, :, None, None].to(v1.dtype)
 
     @staticmethod
     def _softmax_sums(scores, allowed, values, equation, sink=None):
@@ -161,7 +171,7 @@ class Hedgehog(Mixer):
     def _decode_constants(self, cache) -> dict:
         """Parameter-derived tensors of the decode step, built once per cache (one generation) and again if a
         parameter changes in place meanwhile: ±W of the query feature map [H, D, 2F] and of the key feature map
-        grouped by KV head [Hkv, D, G·2F], the window share [H, 1, 1], the sink's key [Hkv, D] and value with
+        grouped by KV head [Hkv, D, G·2F], the window share [H, 1, 1] (and [H]), the sink's key [Hkv, D] and value with
         its normaliser [Hkv, Dv+1] (with a sink)."""
         params = self.__dict__.get("_decode_params")
         if params is None:
@@ -175,8 +185,9 @@ class Hedgehog(Mixer):
         H, D, F = fk.shape
         Hkv = self.num_kv_heads
         fk = torch.cat([fk, -fk], dim=-1).view(Hkv, H // Hkv, D, 2 * F).transpose(1, 2).reshape(Hkv, D, -1)
+        share = torch.sigmoid(self.window_factor.float())
         consts = {"stamp": next(_STAMPS), "feature_q": torch.cat([fq, -fq], dim=-1), "feature_k": fk,
-                  "share": torch.sigmoid(self.window_factor.float())[:, None, None]}
+                  "share": share[:, None, None], "share_heads": share}
         if hasattr(self, "rnnify_sink_key"):
             value = self.rnnify_sink_value.float()
             consts["sink_key"] = self.rnnify_sink_key.float()
@@ -243,11 +254,27 @@ class Hedgehog(Mixer):
                                                                 layer.keys.shape[0]))
         layer.keys, layer.values = ring_to_window(layer.keys, layer.values, t, W)
 
-    def _decode_windowed(self, q, k, v1, state, cache):
-        """One new token over a cache (T == 1, no gradients): the same sums as ``_mix_windowed`` over the ring
-        of window slots (see above), heads grouped ([B·Hkv, G, ·], G = H/Hkv) so keys are never copied per head.
+    def _fused_step(self, layer, state, consts):
+        """The ``kernels.hedgehog_window.DecodeStep`` bound to this ring and state, or None where it cannot run
+        (the PyTorch step runs): decided again when the ring, the state or the parameters' tensors change.  Kept on
+        the mixer by weak reference, not in the cache (it holds a C function, which a cache copy could not copy)."""
+        args = (layer.keys, layer.values, state, self.feature_q, self.feature_k, consts["share_heads"])
+        kept = self.__dict__.get("_fused")
+        if kept is not None and all(ref() is x for ref, x in zip(kept[0], args)):
+            return kept[1]
+        step = None
+        if hedgehog_window is not None and hedgehog_window.usable(self.feature_q, *args[:3]):
+            step = hedgehog_window.DecodeStep(*args, scaling=self.attn.scaling, eps=self.opts["eps"])
+        self.__dict__["_fused"] = ([weakref.ref(x) for x in args], step)
+        return step
 
-        q [B,1,H,D], k [B,1,Hkv,D], v1 [B,1,Hkv,Dv+1], state [B,H,2F,Dv+1] -> [B,1,H,Dv]."""
+    def _decode_windowed(self, q, k, v, valid, state, cache):
+        """One new token over a cache (T == 1, no gradients): the same sums as ``_mix_windowed`` over the ring
+        of window slots (see above).  On CPU in fp32 with rnnify's kernels, one fused C call
+        (``kernels.hedgehog_window``); otherwise the PyTorch step, heads grouped ([B·Hkv, G, ·], G = H/Hkv) so keys
+        are never copied per head.
+
+        q [B,1,H,D], k [B,1,Hkv,D], v [B,1,Hkv,Dv], valid [B,1] or None, state [B,H,2F,Dv+1] -> [B,1,H,Dv]."""
         B, _, H, D = q.shape
         Hkv, W = self.num_kv_heads, self.window
         G, F2 = H // Hkv, state.shape[-2]
@@ -259,10 +286,20 @@ class Hedgehog(Mixer):
             self._write_sink(layer, state, c)
         t = layer.cumulative_length
         slot = t % W
-        if t >= W:   # slot holds key t - W: it leaves the window now
+        push = t >= W   # slot holds key t - W: it leaves the window now
+        if push and not layer.rnnify_sink_all_seen:   # the sink's value row waits for the first key to leave
             self._push_slot(layer, state, slot, self._per_row(c, "feature_k", B))
-            if not layer.rnnify_sink_all_seen:
-                self._write_sink(layer, state, c)
+            self._write_sink(layer, state, c)
+            push = False
+        fused = self._fused_step(layer, state, c) if not self.recurrent_off and q.dtype == torch.float32 else None
+        if fused is not None:
+            o = fused(q[:, 0].contiguous(), k[:, 0].contiguous(), v[:, 0].contiguous(), slot=slot, push=push,
+                      valid=None if valid is None else valid[:, 0].float().contiguous())
+            layer.cumulative_length = t + 1
+            return o[:, None]
+        if push:
+            self._push_slot(layer, state, slot, self._per_row(c, "feature_k", B))
+        v1 = self.with_normaliser(v, valid)
         layer.keys[:, :, slot], layer.values[:, :, slot] = k[:, 0], v1[:, 0]
         layer.cumulative_length = t + 1
         keys, values = layer.keys.float(), layer.values.float()   # the model's dtype in the cache, fp32 sums
