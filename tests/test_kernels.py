@@ -319,23 +319,30 @@ def hedgehog_window_inputs(B=2, H=6, Hkv=2, D=16, S=7, F=8, Dv=12, seed=0):
                 feature_k=randn(H, D, F) / 2, share=torch.rand(H, generator=g, device="cpu"))
 
 
+@pytest.mark.parametrize("rope", [None, "full", "partial-shared"])
 @pytest.mark.parametrize("push", [True, False], ids=["key-leaves-window", "ring-filling"])
 @pytest.mark.parametrize("valid", [None, [1.0, 0.0]], ids=["unpadded", "padded-row"])
 @pytest.mark.parametrize("shape", [dict(H=6, Hkv=2), dict(H=4, Hkv=4, D=64, F=64, Dv=64, S=5, B=1)],
                          ids=["gqa", "mha-64"])
-def test_fused_hedgehog_window_step_matches_its_reference(push, valid, shape):
-    """The fused C step (in place) against the reference (new tensors): output, ring and state."""
+def test_fused_hedgehog_window_step_matches_its_reference(push, valid, shape, rope):
+    """The fused C step (in place) against the reference (new tensors): output, ring and state; RoPE applied in
+    the step over all dims per row, or over the first half of the dims with one cos/sin row for the batch."""
     from kernels import hedgehog_window
 
     inputs = hedgehog_window_inputs(**shape)
-    valid = None if valid is None else torch.tensor(valid[:inputs["q"].shape[0]], device="cpu")
+    B, D = inputs["q"].shape[0], inputs["q"].shape[-1]
+    valid = None if valid is None else torch.tensor(valid[:B], device="cpu")
     kw = dict(slot=2, push=push, scaling=0.25, eps=1e-6, valid=valid)
+    if rope is not None:
+        rows, R = (B, D) if rope == "full" else (1, D // 2)
+        angle = torch.rand(rows, R, generator=torch.Generator().manual_seed(1), device="cpu") * 6
+        kw.update(cos=angle.cos(), sin=angle.sin())
     assert hedgehog_window.usable(inputs["q"], inputs["keys"], inputs["values"], inputs["state"])
     o_ref, keys_ref, values_ref, state_ref = hedgehog_window.naive(**inputs, **kw)
     fused = {name: x.clone() for name, x in inputs.items()}
     o = hedgehog_window.decode_step(**fused, **kw)
     torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused["keys"], keys_ref, rtol=0, atol=0)
+    torch.testing.assert_close(fused["keys"], keys_ref, rtol=1e-6, atol=1e-6)   # rotated: a rounding apart
     torch.testing.assert_close(fused["values"], values_ref, rtol=0, atol=0)
     torch.testing.assert_close(fused["state"], state_ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused["state"], inputs["state"]) != push   # the state changes exactly when a key leaves
@@ -373,6 +380,9 @@ def test_fused_hedgehog_window_step_says_when_it_cannot_run(monkeypatch, tmp_pat
                                     scaling=1.0, eps=1e-6)
     with pytest.raises(ValueError, match=r"does not fit the ring \(q \(2, 6, 16\), k \(2, 2, 8\)"):
         hedgehog_window.decode_step(**{**inputs, "k": inputs["k"][..., :8]}, slot=0, push=True, scaling=1.0, eps=1e-6)
+    with pytest.raises(ValueError, match=r"cos/sin \(2, 15\)/\(2, 15\)"):   # RoPE pairs need an even R
+        hedgehog_window.decode_step(**inputs, slot=0, push=True, scaling=1.0, eps=1e-6, cos=torch.ones(2, 15),
+                                    sin=torch.ones(2, 15))
     with pytest.raises(ValueError, match="contiguous fp32 CPU tensors; got torch.float64"):
         hedgehog_window.decode_step(**{**inputs, "k": inputs["k"].double()}, slot=0, push=True, scaling=1.0, eps=1e-6)
     step = hedgehog_window.DecodeStep(*(inputs[name].clone() for name in ("keys", "values", "state")),

@@ -447,8 +447,11 @@ def test_windowed_decode_step_equals_the_general_form_and_follows_parameter_chan
 
     fast = decode(student())
     assert bool(used) == (backend == "fused")
-    monkeypatch.setattr(Hedgehog, "_decode_windowed", lambda self, q, k, v, valid, state, cache: self._mix_windowed(
-        q, k, self.with_normaliser(v, valid), self.feature_map(q, self.feature_q), cache))
+    def general_form(self, x, position_embeddings, valid, state, cache):
+        q, k, v = self.project(x, position_embeddings)
+        return self._mix_windowed(q, k, self.with_normaliser(v, valid), self.feature_map(q, self.feature_q), cache)
+
+    monkeypatch.setattr(Hedgehog, "_decode_windowed", general_form)
     general = decode(student())
     torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-4)
 

@@ -32,6 +32,10 @@ class Architecture:
 
     model_type = ""
     projection_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # what apply_rope does: "rotate_half" = x cos + rotate_half(x) sin over the first cos.shape[-1] dims, the rest
+    # unchanged (transformers' Llama-family and Phi-3 functions), so a fused decode step may apply it itself; an
+    # architecture whose RoPE differs overrides apply_rope and sets None
+    rope = "rotate_half"
 
     @staticmethod
     def heads(config) -> tuple[int, int, int]:

@@ -75,11 +75,11 @@ class Hedgehog(Mixer):
         return xw.unflatten(-1, (2, -1)).softmax(-1).flatten(-2)
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
-        q, k, v = self.project(x, position_embeddings)
-        if self.window and q.shape[1] == 1 and packed is None and not torch.is_grad_enabled():
+        if self.window and x.shape[1] == 1 and packed is None and not torch.is_grad_enabled():
             state = self.read_state(cache)
             if state is not None and not cache.layers[self.layer_idx].record_past:
-                return self._decode_windowed(q, k, v, valid, state, cache)
+                return self._decode_windowed(x, position_embeddings, valid, state, cache)
+        q, k, v = self.project(x, position_embeddings)
         v1 = self.with_normaliser(v, valid)
         phi_q = self.feature_map(q, self.feature_q)
         if not self.window:
@@ -268,14 +268,15 @@ class Hedgehog(Mixer):
         self.__dict__["_fused"] = ([weakref.ref(x) for x in args], step)
         return step
 
-    def _decode_windowed(self, q, k, v, valid, state, cache):
+    def _decode_windowed(self, x, position_embeddings, valid, state, cache):
         """One new token over a cache (T == 1, no gradients): the same sums as ``_mix_windowed`` over the ring
-        of window slots (see above).  On CPU in fp32 with rnnify's kernels, one fused C call
-        (``kernels.hedgehog_window``); otherwise the PyTorch step, heads grouped ([B·Hkv, G, ·], G = H/Hkv) so keys
-        are never copied per head.
+        of window slots (see above).  On CPU in fp32 with rnnify's kernels, one fused C call after the projections
+        (``kernels.hedgehog_window``, RoPE included); otherwise the PyTorch step, heads grouped ([B·Hkv, G, ·],
+        G = H/Hkv) so keys are never copied per head.
 
-        q [B,1,H,D], k [B,1,Hkv,D], v [B,1,Hkv,Dv], valid [B,1] or None, state [B,H,2F,Dv+1] -> [B,1,H,Dv]."""
-        B, _, H, D = q.shape
+        x [B,1,hidden], position_embeddings (cos, sin) [B or 1,1,R], valid [B,1] or None, state [B,H,2F,Dv+1]
+        -> [B,1,H,Dv]."""
+        B, H, D = x.shape[0], self.num_heads, self.head_dim
         Hkv, W = self.num_kv_heads, self.window
         G, F2 = H // Hkv, state.shape[-2]
         layer = cache.layers[self.layer_idx]
@@ -291,12 +292,16 @@ class Hedgehog(Mixer):
             self._push_slot(layer, state, slot, self._per_row(c, "feature_k", B))
             self._write_sink(layer, state, c)
             push = False
-        fused = self._fused_step(layer, state, c) if not self.recurrent_off and q.dtype == torch.float32 else None
+        fused = self._fused_step(layer, state, c) if not self.recurrent_off and x.dtype == torch.float32 else None
         if fused is not None:
+            rope_in_step = self.opts["rope"] and position_embeddings is not None and self.arch.rope == "rotate_half"
+            q, k, v = self.project(x, None if rope_in_step else position_embeddings)
+            cos, sin = (e[:, 0].contiguous() for e in position_embeddings) if rope_in_step else (None, None)
             o = fused(q[:, 0].contiguous(), k[:, 0].contiguous(), v[:, 0].contiguous(), slot=slot, push=push,
-                      valid=None if valid is None else valid[:, 0].float().contiguous())
+                      valid=None if valid is None else valid[:, 0].float().contiguous(), cos=cos, sin=sin)
             layer.cumulative_length = t + 1
             return o[:, None]
+        q, k, v = self.project(x, position_embeddings)
         if push:
             self._push_slot(layer, state, slot, self._per_row(c, "feature_k", B))
         v1 = self.with_normaliser(v, valid)

@@ -58,26 +58,35 @@ class DecodeStep:
         self._token_shapes = ((B, H, D), (B, Hkv, D), (B, Hkv, Dv))
         self.scaling, self.eps = scaling, eps
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, slot: int, push: bool, valid: Tensor | None = None) -> Tensor:
-        """q [B, H, D], k [B, Hkv, D], v [B, Hkv, Dv], valid [B] or None (1: a real token, 0: padding) -> o
-        [B, H, Dv]; slot ``slot`` of the ring takes the new token, the state takes the key leaving it if ``push``."""
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, slot: int, push: bool, valid: Tensor | None = None,
+                 cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+        """q [B, H, D], k [B, Hkv, D], v [B, Hkv, Dv], valid [B] or None (1: a real token, 0: padding), cos/sin
+        [B or 1, R] (R even, <= D) to apply RoPE to q and k in the step, or None -> o [B, H, Dv]; slot ``slot`` of
+        the ring takes the new token, the state takes the key leaving it if ``push``."""
         tensors = [ref() for ref in self._tensors]
         if any(x is None for x in tensors):
             raise RuntimeError(f"{OP}: the ring or state this step was bound to is gone; bind a new DecodeStep")
         B, H, Hkv, D, F, Dv, S = self._sizes
-        tokens = (q, k, v) if valid is None else (q, k, v, valid)
+        tokens = [q, k, v] + [x for x in (valid, cos, sin) if x is not None]
+        R = 0 if cos is None else cos.shape[-1]
         if (q.shape, k.shape, v.shape) != self._token_shapes or not 0 <= slot < S or (
-                valid is not None and valid.shape != (B,)):
+                valid is not None and valid.shape != (B,)) or (cos is None) != (sin is None) or (
+                cos is not None and (cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] not in (1, B)
+                                     or R % 2 or R > D)):
             raise ValueError(f"{OP}: the new token does not fit the ring (q {tuple(q.shape)}, k {tuple(k.shape)}, v "
-                             f"{tuple(v.shape)}, valid {None if valid is None else tuple(valid.shape)}, slot {slot}; "
-                             f"expected {self._token_shapes}, valid ({B},), slot < {S})")
+                             f"{tuple(v.shape)}, valid {None if valid is None else tuple(valid.shape)}, cos/sin "
+                             f"{None if cos is None else tuple(cos.shape)}/{None if sin is None else tuple(sin.shape)}, "
+                             f"slot {slot}; expected {self._token_shapes}, valid ({B},), cos/sin ({B} or 1, even R <= "
+                             f"{D}), slot < {S})")
         for x in tokens:
             _check(x)
         keys, values, state, feature_q, feature_k, share = tensors
         out = q.new_empty(B, H, Dv)
         cpu.library().rnnify_hedgehog_window_step(
             B, H, Hkv, D, F, Dv, S, q.data_ptr(), k.data_ptr(), v.data_ptr(),
-            None if valid is None else valid.data_ptr(), keys.data_ptr(), values.data_ptr(), state.data_ptr(),
+            None if valid is None else valid.data_ptr(), None if cos is None else cos.data_ptr(),
+            None if sin is None else sin.data_ptr(), R, R if R and cos.shape[0] == B and B > 1 else 0,
+            keys.data_ptr(), values.data_ptr(), state.data_ptr(),
             feature_q.data_ptr(), feature_k.data_ptr(), share.data_ptr(), slot, int(push), self.scaling, self.eps,
             out.data_ptr())
         return out
@@ -91,11 +100,11 @@ def _check(x: Tensor) -> None:
 
 def decode_step(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, state: Tensor, feature_q: Tensor,
                 feature_k: Tensor, share: Tensor, *, slot: int, push: bool, scaling: float, eps: float,
-                valid: Tensor | None = None) -> Tensor:
+                valid: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
     """``naive``'s step, in place, in one call: ``DecodeStep(keys, values, state, ...)(q, k, v, ...)`` (a decoder
     keeps the ``DecodeStep`` instead, for its per-token calls)."""
     return DecodeStep(keys, values, state, feature_q, feature_k, share, scaling=scaling, eps=eps)(
-        q, k, v, slot=slot, push=push, valid=valid)
+        q, k, v, slot=slot, push=push, valid=valid, cos=cos, sin=sin)
 
 
 __all__ = ["naive", "DecodeStep", "decode_step", "usable"]

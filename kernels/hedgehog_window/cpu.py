@@ -87,7 +87,7 @@ def library() -> ctypes.CDLL | None:
         return None
     step = getattr(lib, SYMBOL)
     i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
-    step.argtypes = [i] * 7 + [p] * 10 + [i, i, f, f, p]
+    step.argtypes = [i] * 7 + [p] * 6 + [i, ctypes.c_long] + [p] * 6 + [i, i, f, f, p]
     step.restype = None
     logger.info("kernels.hedgehog_window: fused C step on cpu (%s)", path)
     return lib
