@@ -6,6 +6,9 @@ q [B, T, H, Dk]; k [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] with Hkv dividing H (gr
 kv head j serves query heads j·H/Hkv ... (j+1)·H/Hkv - 1); log_decay [B, T, H] or [B, T, H, Dk];
 beta [B, T, H].  Decay is exp(log_decay) (log_decay <= 0) and o_t = scale · S_tᵀ q_t.
 
+``kernels.hedgehog_window`` is one windowed Hedgehog decode step (RoPE, state update and read, softmax window
+with sink, mix) fused into one C call for CPU, beside its PyTorch reference.
+
 This package imports nothing of rnnify's and is not Hugging Face's ``kernels`` package:
 ``RNNIFY_KERNELS`` marks it, and it declares no distribution metadata of its own.
 """
