@@ -42,11 +42,16 @@ def usable(backend: str, device: torch.device) -> bool:
     return backend == "fla" and fla_backend.available() and device.type == "cuda"
 
 
+def cache_dir() -> Path:
+    """``<rnnify cache>/kernels``, the cache being ``$RNNIFY_CACHE`` or ``~/.cache/rnnify`` (spelled out here
+    because this package imports nothing of rnnify's): measurements and built kernels."""
+    return Path(os.environ.get("RNNIFY_CACHE", Path.home() / ".cache" / "rnnify")) / "kernels"
+
+
 def fastest_file() -> Path:
     """Where ``eval/bench_kernels.py --record`` keeps the fastest backend per GPU model and op (JSON:
-    {device name: {op: backend}}): ``<rnnify cache>/kernels/fastest.json``, the cache being ``$RNNIFY_CACHE`` or
-    ``~/.cache/rnnify`` (spelled out here because this package imports nothing of rnnify's)."""
-    return Path(os.environ.get("RNNIFY_CACHE", Path.home() / ".cache" / "rnnify")) / "kernels" / "fastest.json"
+    {device name: {op: backend}}): ``cache_dir() / "fastest.json"``."""
+    return cache_dir() / "fastest.json"
 
 
 @functools.lru_cache(maxsize=None)

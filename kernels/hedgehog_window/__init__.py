@@ -3,10 +3,10 @@ slots (the layer's whole per-token work after its projections), fused into one C
 
 ``naive`` is the reference (the math is in its module); ``DecodeStep`` (bound to one ring and state) and
 ``decode_step`` (one call) run the fused C step (``step.c``, built once per machine by ``cpu.py``), updating the
-ring and the state in place.  ``usable`` says whether it can run on
-the given tensors; where it cannot (CUDA, another dtype, no C compiler, ``$RNNIFY_KERNELS_BACKEND=torch``), callers
-run their PyTorch step, which computes the same.  On CPU a PyTorch step is ~18 small ops and eager PyTorch pays
-microseconds per op whatever its size; one call does the same work with no per-op cost.
+ring and the state in place.  ``usable`` says whether it can run on the given tensors; where it cannot (CUDA,
+another dtype, no C compiler, ``$RNNIFY_KERNELS_BACKEND=torch``), callers run their PyTorch step, which computes
+the same.  On CPU a PyTorch step is ~20 small ops (RoPE's ~6 more) and eager PyTorch pays microseconds per op
+whatever its size; one call does the same work without that cost.
 """
 from __future__ import annotations
 
@@ -17,19 +17,19 @@ import torch
 from torch import Tensor
 
 from . import cpu
+from ..dispatch import ENV_VAR
 from .naive import naive
 
 OP = "hedgehog_window"
 
 
 def usable(q: Tensor, keys: Tensor, values: Tensor, state: Tensor) -> bool:
-    """Whether ``decode_step`` can run on these tensors here: CPU, fp32, contiguous ring and state, a built
-    library, and the backend not forced to ``torch`` (``$RNNIFY_KERNELS_BACKEND``).  Asked at every decode step
-    of every layer, hence plain attribute checks."""
+    """Whether the fused step can run on these tensors here: CPU, fp32, contiguous ring and state, a built
+    library, and the backend not forced to ``torch`` (``$RNNIFY_KERNELS_BACKEND``)."""
     fp32 = torch.float32
     return (q.device.type == "cpu" and q.dtype == fp32 and keys.dtype == fp32 and values.dtype == fp32
             and state.dtype == fp32 and keys.is_contiguous() and values.is_contiguous() and state.is_contiguous()
-            and os.environ.get("RNNIFY_KERNELS_BACKEND") != "torch" and cpu.library() is not None)
+            and os.environ.get(ENV_VAR) != "torch" and cpu.library() is not None)
 
 
 class DecodeStep:

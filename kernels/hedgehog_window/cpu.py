@@ -1,6 +1,6 @@
 """Build and load the fused C step (``step.c``) with the system C compiler, once per machine.
 
-The shared library goes to ``<rnnify cache>/kernels/`` (``$RNNIFY_CACHE`` or ``~/.cache/rnnify``), named by a hash
+The shared library goes to ``kernels.dispatch.cache_dir()`` (``<rnnify cache>/kernels``), named by a hash
 of the source, the compiler, its flags and this CPU's model and instruction-set flags (the build targets this CPU:
 ``-march=native``), written under a temporary name and renamed, so concurrent processes never load half a file.
 The compiler is ``$CC``, else ``cc``/``gcc``/``clang`` on the PATH.  No compiler, or a failed build: ``library()``
@@ -19,15 +19,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..dispatch import cache_dir
+
 logger = logging.getLogger("kernels")
 SOURCE = Path(__file__).with_name("step.c")
 SYMBOL = "rnnify_hedgehog_window_step"
 FLAGS = ["-O3", "-fno-math-errno", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC"]
 NATIVE = ["-march=native"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RNNIFY_CACHE", Path.home() / ".cache" / "rnnify")) / "kernels"
 
 
 def compiler() -> str | None:
