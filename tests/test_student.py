@@ -85,49 +85,63 @@ def test_decode_memory_does_not_grow_with_generated_length(mixer):
     assert cache_bytes(16) == cache_bytes(64) > 0
 
 
-@pytest.mark.parametrize("mixer", [{"type": "hedgehog", "window": 4}, {"type": "gated_deltanet"}],
-                         ids=["hedgehog-window", "gated_deltanet-conv-gate"])
-def test_save_load_round_trip_in_fresh_process_without_rnnify(tmp_path, tokenizer, mixer):
+def test_save_load_round_trip_in_fresh_process_without_rnnify(tmp_path, tokenizer):
+    """A windowed Hedgehog student and a gated DeltaNet one (short conv, output gate), saved and loaded in one
+    fresh interpreter that has neither rnnify's kernels nor its converter: same logits, same greedy tokens, and
+    each says once which ops it runs."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    student = randomize_mixers(convert(LlamaForCausalLM(cfg).eval(), mixer, [1, 2]))
-    folder = save_student(student, tmp_path / "student", tokenizer)
+    mixers = {"hedgehog-window": {"type": "hedgehog", "window": 4},
+              "gated_deltanet-conv-gate": {"type": "gated_deltanet"}}
     ids = torch.tensor([tokenizer("The if statement is used for")["input_ids"]])
-    with torch.no_grad():
-        ref = student(ids).logits
-    expected = student.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    torch.save({"ids": ids, "ref": ref, "expected": expected}, tmp_path / "ref.pt")
+    folders, refs = {}, {}
+    for name, mixer in mixers.items():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        student = randomize_mixers(convert(LlamaForCausalLM(cfg).eval(), mixer, [1, 2]))
+        folders[name] = str(save_student(student, tmp_path / name, tokenizer))
+        with torch.no_grad():
+            ref = student(ids).logits
+        refs[name] = {"ref": ref, "expected": student.generate(ids, max_new_tokens=32, min_new_tokens=32,
+                                                               do_sample=False)}
+    torch.save({"ids": ids, "refs": refs}, tmp_path / "ref.pt")
     code = f"""
 import logging, sys
 sys.modules["kernels"] = None; sys.modules["convert"] = None   # rnnify is not installed here
 logging.basicConfig(level=logging.INFO)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
 d = torch.load({str(tmp_path / 'ref.pt')!r})
-diff = (m(d["ids"]).logits - d["ref"]).abs().max().item()
-out = m.generate(d["ids"], max_new_tokens=32, min_new_tokens=32, do_sample=False)
-print(diff, out.shape[1] - d["ids"].shape[1], type(m).__name__, torch.equal(out, d["expected"]))
+for name, folder in {folders!r}.items():
+    m = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    diff = (m(d["ids"]).logits - d["refs"][name]["ref"]).abs().max().item()
+    out = m.generate(d["ids"], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    same = torch.equal(out, d["refs"][name]["expected"])
+    print(name, diff, out.shape[1] - d["ids"].shape[1], type(m).__name__, same)
 """
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr[-2000:]
-    diff, new_tokens, cls, same_tokens = res.stdout.strip().splitlines()[-1].split()
-    assert float(diff) == 0.0 and int(new_tokens) == 32 and cls == "RnnifyForCausalLM" and same_tokens == "True"
-    assert "on cpu this student runs the PyTorch ops bundled beside it (rnnify_ops.py)" in res.stderr   # said once
-    assert res.stderr.count("rnnify's kernels are not importable") == 1
-    config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rnnify.RnnifyForCausalLM"
-    kind = "hybrid_sliding" if mixer.get("window") else "linear_attention"
-    assert config["layer_types"] == ["full_attention", kind, kind]
-    for name in ("model.safetensors", "rnnify_ops.py", "rnnify_common.py", "rnnify_fla.py", "modeling_rnnify.py", "generation_config.json",
-                 "tokenizer.json"):
-        assert (folder / name).is_file(), name
+    lines = res.stdout.strip().splitlines()[-2:]
+    for name, line in zip(mixers, lines):
+        got, diff, new_tokens, cls, same_tokens = line.split()
+        assert got == name and float(diff) == 0.0 and int(new_tokens) == 32 and cls == "RnnifyForCausalLM"
+        assert same_tokens == "True", name
+    # each student's runtime says once which ops it runs
+    assert res.stderr.count("on cpu this student runs the PyTorch ops bundled beside it (rnnify_ops.py)") == 2
+    assert res.stderr.count("rnnify's kernels are not importable") == 2
+    for name, mixer in mixers.items():
+        folder = tmp_path / name
+        config = json.loads((folder / "config.json").read_text())
+        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rnnify.RnnifyForCausalLM"
+        kind = "hybrid_sliding" if mixer.get("window") else "linear_attention"
+        assert config["layer_types"] == ["full_attention", kind, kind]
+        for file in ("model.safetensors", "rnnify_ops.py", "rnnify_common.py", "rnnify_fla.py", "modeling_rnnify.py",
+                     "generation_config.json", "tokenizer.json"):
+            assert (folder / file).is_file(), (name, file)
 
 
 def test_converted_layers_reuse_teacher_projections():

@@ -73,11 +73,11 @@ class DecodeStep:
                 valid is not None and valid.shape != (B,)) or (cos is None) != (sin is None) or (
                 cos is not None and (cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] not in (1, B)
                                      or R % 2 or R > D)):
-            raise ValueError(f"{OP}: the new token does not fit the ring (q {tuple(q.shape)}, k {tuple(k.shape)}, v "
-                             f"{tuple(v.shape)}, valid {None if valid is None else tuple(valid.shape)}, cos/sin "
-                             f"{None if cos is None else tuple(cos.shape)}/{None if sin is None else tuple(sin.shape)}, "
-                             f"slot {slot}; expected {self._token_shapes}, valid ({B},), cos/sin ({B} or 1, even R <= "
-                             f"{D}), slot < {S})")
+            def shape(x):
+                return None if x is None else tuple(x.shape)
+            raise ValueError(f"{OP}: the new token does not fit the ring (q {shape(q)}, k {shape(k)}, v {shape(v)}, "
+                             f"valid {shape(valid)}, cos/sin {shape(cos)}/{shape(sin)}, slot {slot}; expected "
+                             f"{self._token_shapes}, valid ({B},), cos/sin ({B} or 1, even R <= {D}), slot < {S})")
         for x in tokens:
             _check(x)
         keys, values, state, feature_q, feature_k, share = tensors

@@ -1,7 +1,8 @@
 """The reference of one Hedgehog decode step over a ring of window slots (plain PyTorch; defines the truth).
 
-Per query head h (KV head j = h // G, G = H / Hkv), φ_h(x) = [softmax(x W_h), softmax(−x W_h)]; with ``cos``/``sin``,
-q and k are first rotated (RoPE, rotate-half over their first R dims: x cos + [−x₂, x₁] sin, x = [x₁, x₂, rest]):
+Per query head h (KV head j = h // G, G = H / Hkv), φ_h(x) = [softmax(x W_h), softmax(−x W_h)]; with
+``cos``/``sin``, q and k are first rotated (RoPE, rotate-half over their first R dims: x cos + [−x₂, x₁] sin,
+x = [x₁, x₂, rest]):
     push:    S_h ← S_h + φ^k_h(k_s) [v_s, n_s]ᵀ            (the key leaving the window, in ``slot``, when ``push``)
     write:   slot ← (k, [v·n, n])                          (n = ``valid``: 1 for a real token, 0 for padding)
     linear:  l_h = φ^q_h(q_h)ᵀ S_h
