@@ -108,16 +108,18 @@ def with_pytorch_step(forward):
     PyTorch step instead of the fused one (they decide when a ring is bound; the variable is restored after)."""
     import os
 
+    from kernels.dispatch import ENV_VAR
+
     def run(*args, **kwargs):
-        saved = os.environ.get("RNNIFY_KERNELS_BACKEND")
-        os.environ["RNNIFY_KERNELS_BACKEND"] = "torch"
+        saved = os.environ.get(ENV_VAR)
+        os.environ[ENV_VAR] = "torch"
         try:
             return forward(*args, **kwargs)
         finally:
             if saved is None:
-                del os.environ["RNNIFY_KERNELS_BACKEND"]
+                del os.environ[ENV_VAR]
             else:
-                os.environ["RNNIFY_KERNELS_BACKEND"] = saved
+                os.environ[ENV_VAR] = saved
     return run
 
 

@@ -46,11 +46,10 @@ def _cpu_signature() -> str:
 
 
 def _build(cc: str) -> Path:
-    source = SOURCE.read_bytes()
+    source, cpu = SOURCE.read_bytes(), _cpu_signature().encode()
     last_error = None
     for flags in (FLAGS + NATIVE, FLAGS):   # a compiler without -march=native still gets a portable build
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(),
-                                         _cpu_signature().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), cpu])).hexdigest()[:16]
         target = cache_dir() / f"hedgehog_window-{key}.so"
         if target.exists():
             return target
