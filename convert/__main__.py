@@ -1,5 +1,6 @@
+"""``python -m convert``: the pipeline's command line (``rnnify.cli``), under the spelling users know."""
 import sys
 
-from .cli import main
+from rnnify.cli import main
 
 sys.exit(main())

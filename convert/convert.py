@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-import kernels.common
-import kernels.fla_backend
-import kernels.torch_ops
-from store import write_folder_atomically
+import rnnify_kernels.common
+import rnnify_kernels.fla_backend
+import rnnify_kernels.torch_ops
+from rnnify.store import write_folder_atomically
 
 from .student.arch_registry import get_architecture
 from .student.configuration_rnnify import WINDOWED_ATTENTION, RnnifyConfig, attention_layer_types
@@ -122,8 +122,8 @@ def save_student(student: RnnifyForCausalLM, out_dir: str | Path, tokenizer=None
             if src.name != "__init__.py":
                 shutil.copy2(src, tmp / src.name)
         # the kernels' portable files, their imports of each other renamed to the copies' names
-        for module, name in ((kernels.common, "rnnify_common"), (kernels.torch_ops, "rnnify_ops"),
-                             (kernels.fla_backend, "rnnify_fla")):
+        for module, name in ((rnnify_kernels.common, "rnnify_common"), (rnnify_kernels.torch_ops, "rnnify_ops"),
+                             (rnnify_kernels.fla_backend, "rnnify_fla")):
             text = Path(module.__file__).read_text().replace("from .common import", "from .rnnify_common import")
             (tmp / f"{name}.py").write_text(text)
         if tokenizer is not None:

@@ -11,7 +11,12 @@ import json
 import shutil
 from pathlib import Path
 
-from .recipe import RecipeError
+from .student.mixer_registry import get_mixer
+
+
+class ExportError(Exception):
+    """An output folder that cannot be exported, phrased as one line for the user."""
+
 
 TASK_DATASETS = {   # lm-eval task -> (Hub dataset id, display name) for the card's model-index
     "piqa": ("baber/piqa", "PIQA"), "hellaswag": ("Rowan/hellaswag", "HellaSwag"),
@@ -25,10 +30,10 @@ TASK_DATASETS = {   # lm-eval task -> (Hub dataset id, display name) for the car
 def read_report(output_dir: Path) -> dict:
     path = output_dir / "report.json"
     if not path.is_file():
-        raise RecipeError(f"{output_dir}: no report.json: run `python -m convert run RECIPE` with this output_dir first")
+        raise ExportError(f"{output_dir}: no report.json: run `python -m convert run RECIPE` with this output_dir first")
     report = json.loads(path.read_text())
     if not (output_dir / "student" / "config.json").is_file():
-        raise RecipeError(f"{output_dir / 'student'}: no saved student (config.json missing)")
+        raise ExportError(f"{output_dir / 'student'}: no saved student (config.json missing)")
     return report
 
 
@@ -80,8 +85,7 @@ def model_card(report: dict, student_dir: Path, sections: dict, repo_id: str | N
     data = ModelCardData(
         model_name=name, base_model=base_model, base_model_relation="finetune",
         license=teacher.get("license") or "other", library_name="transformers", pipeline_tag="text-generation",
-        tags=["rnnify", "linear-attention" if mixer in ("hedgehog", "gla", "gated_deltanet") else "state-space-model",
-              mixer, "distillation", "custom_code"],
+        tags=["rnnify", get_mixer(mixer).family, mixer, "distillation", "custom_code"],
         datasets=sorted({s["data"] for s in report.get("stage_data", []) if "/" in s.get("data", "")}) or None,
         eval_results=eval_results(report, sections["headline_metrics"]) or None)
     n = len(report["mixer_layers"]) + len(report["attention_layers"])
@@ -143,5 +147,5 @@ def export(output_dir: str | Path, render_sections, push_to_hub: str | None = No
             api.upload_folder(folder_path=str(student), repo_id=push_to_hub, repo_type="model",
                               commit_message=f"rnnify student of {report['teacher']}")
         except HfHubHTTPError as e:
-            raise RecipeError(f"push to {push_to_hub}: {str(e).splitlines()[0]}") from None
+            raise ExportError(f"push to {push_to_hub}: {str(e).splitlines()[0]}") from None
     return student

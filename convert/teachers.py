@@ -27,10 +27,9 @@ from typing import Callable
 
 import torch
 
-from distill.corpora import python_docs_documents
-from store import FetchError, cache_root, package_folder, write_folder_atomically
+from rnnify.store import FetchError, cache_root, package_folder, write_folder_atomically
 
-log = logging.getLogger("rnnify")
+log = logging.getLogger("rnnify.convert")
 
 MARKER = "RNNIFY_TEACHER.json"
 
@@ -173,8 +172,12 @@ def train_tokenizer(docs: list[str], vocab_size: int = 1024):
 
 
 def tokenizer_training_text() -> list[str]:
-    """CPython's pydoc topics: text every Python install has, for the tiny teachers' tokenizer."""
-    return [d["text"] for d in python_docs_documents()]
+    """CPython's pydoc topics (text every Python install has), in key order, each text once: what the tiny teachers'
+    tokenizer learns from (the same text as the ``builtin:python-docs`` corpus, read here so that conversion needs
+    nothing of the trainer's)."""
+    from pydoc_data.topics import topics
+    texts = (topics[key].strip() for key in sorted(topics))
+    return list(dict.fromkeys(text for text in texts if text))
 
 
 def build_tiny_teacher(name: str, folder: Path) -> dict:

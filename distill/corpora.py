@@ -24,9 +24,9 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from store import FetchError, cache_root, pip_download, write_folder_atomically
+from rnnify.store import FetchError, cache_root, pip_download, write_folder_atomically
 
-log = logging.getLogger("rnnify")
+log = logging.getLogger("rnnify.distill")
 
 SPLITS = ("train", "heldout")
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from .corpora import BUILTIN_CORPORA, CorpusError, cache_root, corpus_file, write_folder_atomically
 
-log = logging.getLogger("rnnify")
+log = logging.getLogger("rnnify.distill")
 
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
                  ".csv": "csv"}

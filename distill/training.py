@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("rnnify")
+log = logging.getLogger("rnnify.distill")
 
 
 class NonFiniteError(RuntimeError):

@@ -15,7 +15,7 @@ gated ops (C = chunk) and 2·T·(3·C·Dk + 2·C·Dv + 3·Dk·Dv) for the delta 
 2·T²·(Dk + Dv)·½ (causal half).  Bytes count one read of q, k, v, gates and one write of o.
 
 ``--record`` writes, for this GPU model, the backend (torch | triton | fla) with the lowest total
-forward+backward time per op into ``kernels.dispatch.fastest_file()``; ``kernels`` then runs it by default.
+forward+backward time per op into ``rnnify_kernels.dispatch.fastest_file()``; ``rnnify_kernels`` then runs it by default.
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import decay_scalar, decay_vector, delta  # noqa: E402
-from kernels.torch_ops import DEFAULT_CHUNK  # noqa: E402
-from store import write_json_atomically  # noqa: E402
+from rnnify_kernels import decay_scalar, decay_vector, delta  # noqa: E402
+from rnnify_kernels.torch_ops import DEFAULT_CHUNK  # noqa: E402
+from rnnify.store import write_json_atomically  # noqa: E402
 
 OPS = {"decay_scalar": decay_scalar, "decay_vector": decay_vector, "delta": delta}
 
@@ -163,7 +163,7 @@ def fastest_backends(rows_per_op: dict[str, list[dict]]) -> dict[str, str]:
 
 def record(device_name: str, choice: dict[str, str]) -> Path:
     """Merge {op: backend} for ``device_name`` into the dispatcher's file (other GPUs' entries are kept)."""
-    from kernels.dispatch import fastest_file
+    from rnnify_kernels.dispatch import fastest_file
     path = fastest_file()
     table = json.loads(path.read_text()) if path.exists() else {}
     table[device_name] = {**table.get(device_name, {}), **choice}

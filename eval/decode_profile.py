@@ -13,7 +13,7 @@ decoded tokens, each after a prefill of ``context`` tokens.  With ``--paired ROU
 decoding in alternating rounds instead, without hooks (``eval.speed.compare``): on a shared machine whose speed
 drifts, the ratio of adjacent rounds is steadier than the ratio of two models timed one after the other.
 ``--pytorch-step`` adds a second copy of the student that decodes with the PyTorch step instead of the fused C
-step of its Hedgehog layers (``kernels.hedgehog_window``): the fused step's gain, in the same rounds.
+step of its Hedgehog layers (``rnnify_kernels.hedgehog_window``): the fused step's gain, in the same rounds.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def with_pytorch_step(forward):
     PyTorch step instead of the fused one (they decide when a ring is bound; the variable is restored after)."""
     import os
 
-    from kernels.dispatch import ENV_VAR
+    from rnnify_kernels.dispatch import ENV_VAR
 
     def run(*args, **kwargs):
         saved = os.environ.get(ENV_VAR)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                         help="instead: time the two models' decoding in alternating rounds (no hooks)")
     parser.add_argument("--pytorch-step", action="store_true",
                         help="with --paired: also a second copy of the student that decodes with the PyTorch step "
-                             "instead of the fused one (kernels.hedgehog_window), in the same rounds")
+                             "instead of the fused one (rnnify_kernels.hedgehog_window), in the same rounds")
     parser.add_argument("--batch", type=int, default=1, help="with --paired: rows decoded at once")
     args = parser.parse_args(argv)
     if args.paired:   # eval/speed.py's alternating rounds at this one length

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from store import write_text_atomically
+from rnnify.store import write_text_atomically
 
 # headline metric per lm-eval metric name, and whether higher is better
 _METRIC_ORDER = ("acc_norm", "acc", "exact_match", "perplexity", "word_perplexity")
@@ -68,10 +68,17 @@ def stages_table(report: dict) -> str:
     if not stages:
         return ""
     lines = ["| stage | tokens | steps | wall | tokens/s | peak memory | final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for i, s in enumerate(stages):
-        lines.append(f"| {i} {s['name']} | {s['tokens']:,} | {s['steps']} | {s['wall_s']:.0f} s | "
-                     f"{s['tokens_per_s']:.0f} | {s['peak_memory_gb']:.1f} GB | {s['final_loss']:.4g} |")
+    for i, s in enumerate(stages):   # a stage that trains nothing (a custom one) has no training figures: "–"
+        cells = [_figure(s, "tokens", "{:,}"), _figure(s, "steps", "{}"), _figure(s, "wall_s", "{:.0f} s"),
+                 _figure(s, "tokens_per_s", "{:.0f}"), _figure(s, "peak_memory_gb", "{:.1f} GB"),
+                 _figure(s, "final_loss", "{:.4g}")]
+        lines.append(f"| {i} {s['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _figure(summary: dict, key: str, form: str) -> str:
+    value = summary.get(key)
+    return "–" if value is None else form.format(value)
 
 
 def speed_caption(speed: dict) -> str:

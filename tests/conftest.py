@@ -58,7 +58,7 @@ def cli(capsys):
     """``python -m convert ARGS`` as this process's call of the CLI's ``main`` (no interpreter start-up, which is
     seconds per process here): returns (exit status, stdout, stderr).  Tests of what a process shows (no traceback,
     a fresh interpreter loading the student) keep a subprocess."""
-    from convert.cli import main
+    from rnnify.cli import main
 
     def call(*args):
         capsys.readouterr()

@@ -4,7 +4,7 @@ non-zero initial state — an independent check of layouts, scales and gates."""
 import pytest
 import torch
 
-import kernels
+import rnnify_kernels as kernels
 
 fla_simple_gla = pytest.importorskip("fla.ops.simple_gla.naive")
 fla_gla = pytest.importorskip("fla.ops.gla.naive")
@@ -52,9 +52,9 @@ def test_delta_matches_fla_gated_delta_rule():
 
 @pytest.mark.parametrize("op", ["decay_scalar", "decay_vector", "delta"])
 def test_fla_backend_mapping_equals_our_reference(op):
-    """``backend='fla'`` hands fla our arguments through ``kernels.fla_backend``; on CPU its naive form runs with the
+    """``backend='fla'`` hands fla our arguments through ``rnnify_kernels.fla_backend``; on CPU its naive form runs with the
     same mapping: grouped kv heads, packed sequences with their own initial states, a scale that is not Dk^-½."""
-    from kernels import fla_backend
+    from rnnify_kernels import fla_backend
     from tests.test_kernels import make_inputs
 
     args = make_inputs(op, B=1, T=30, H=4, Hkv=2, Dk=16, Dv=24)
@@ -66,7 +66,7 @@ def test_fla_backend_mapping_equals_our_reference(op):
 
 
 def test_fla_backend_needs_cuda_tensors_and_the_package(monkeypatch):
-    from kernels import fla_backend
+    from rnnify_kernels import fla_backend
     from tests.test_kernels import make_inputs
 
     args = make_inputs("delta", T=4)

@@ -7,7 +7,7 @@ every tensor is made on the GPU and the kernels run compiled, with head dim 128 
 import pytest
 import torch
 
-from kernels import decay_scalar, decay_vector, delta
+from rnnify_kernels import decay_scalar, decay_vector, delta
 from tests.conftest import TEST_DEVICE
 
 OPS = {"decay_scalar": decay_scalar, "decay_vector": decay_vector, "delta": delta}
@@ -137,7 +137,7 @@ def test_tiled_triton_kernels_at_model_head_dims(op, Dk, Dv):
     """Model-size heads (Hedgehog: 2·128 feature keys, values + the normaliser column) split over several value
     blocks per head, with grouped kv heads, packed sequences and initial states: outputs, final states and every
     gradient against the reference."""
-    from kernels.triton_gated import value_block
+    from rnnify_kernels.triton_gated import value_block
     assert -(-Dv // value_block(Dk, Dv)) >= (1 if Dv <= 64 else 2)     # the larger heads really are tiled
     args = make_inputs(op, B=1, T=20, H=2, Hkv=1, Dk=Dk, Dv=Dv)   # 2 query heads share 1 kv head
     g = torch.Generator().manual_seed(5)
@@ -200,7 +200,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_default_backend_is_torch_on_cpu_and_triton_on_cuda(monkeypatch):
-    from kernels.dispatch import select_backend
+    from rnnify_kernels.dispatch import select_backend
     monkeypatch.delenv("RNNIFY_KERNELS_BACKEND", raising=False)
     cpu = torch.zeros(1, device="cpu")
     assert select_backend("delta", cpu, None) == "torch"
@@ -215,7 +215,7 @@ def test_default_on_cuda_is_the_backend_measured_fastest_for_that_gpu(monkeypatc
     import json
     import types
 
-    from kernels import dispatch, fla_backend
+    from rnnify_kernels import dispatch, fla_backend
     monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path))
     dispatch.fastest_file().parent.mkdir(parents=True)
     dispatch.fastest_file().write_text(json.dumps({"Some GPU": {"delta": "fla", "decay_scalar": "triton"}}))
@@ -254,13 +254,6 @@ def test_backend_choice_argument_and_environment(monkeypatch):
     decay_scalar.chunk(*args)
 
 
-def test_our_kernels_package_is_not_hugging_face_kernels():
-    import kernels
-    from transformers.utils.import_utils import is_kernels_available
-    assert kernels.RNNIFY_KERNELS is True
-    assert not is_kernels_available()
-
-
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="eval/gpu_check.py runs the benchmark on the GPU itself")
 def test_benchmark_prints_one_table_per_op_with_ratios(capsys):
     import importlib.util
@@ -287,7 +280,7 @@ def test_benchmark_records_the_fastest_backend_per_op_for_the_dispatcher(monkeyp
     import json
     from pathlib import Path
 
-    from kernels import dispatch
+    from rnnify_kernels import dispatch
     spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "eval" /
                                                   "bench_kernels.py")
     bench = importlib.util.module_from_spec(spec)
@@ -328,7 +321,7 @@ def hedgehog_window_inputs(B=2, H=6, Hkv=2, D=16, S=7, F=8, Dv=12, seed=0):
 def test_fused_hedgehog_window_step_matches_its_reference(push, valid, shape, rope):
     """The fused C step (in place) against the reference (new tensors): output, ring and state; RoPE applied in
     the step over all dims per row, or over the first half of the dims with one cos/sin row for the batch."""
-    from kernels import hedgehog_window
+    from rnnify_kernels import hedgehog_window
 
     inputs = hedgehog_window_inputs(**shape)
     B, D = inputs["q"].shape[0], inputs["q"].shape[-1]
@@ -353,8 +346,8 @@ def test_fused_hedgehog_window_step_says_when_it_cannot_run(monkeypatch, tmp_pat
     """No compiler, a failing build, a forced PyTorch backend, another dtype or device: ``usable`` is False (the
     caller runs its PyTorch step) and the reason is logged; bad shapes name every shape; a step whose ring is
     gone says so instead of writing freed memory."""
-    from kernels import hedgehog_window
-    from kernels.hedgehog_window import cpu
+    from rnnify_kernels import hedgehog_window
+    from rnnify_kernels.hedgehog_window import cpu
 
     inputs = hedgehog_window_inputs()
     ring = (inputs["q"], inputs["keys"], inputs["values"], inputs["state"])
@@ -363,7 +356,7 @@ def test_fused_hedgehog_window_step_says_when_it_cannot_run(monkeypatch, tmp_pat
         for cc, said in (("no-such-compiler", "no C compiler"), ("false", "could not build step.c")):
             monkeypatch.setenv("CC", cc)
             cpu.library.cache_clear()
-            with caplog.at_level("INFO", logger="kernels"):
+            with caplog.at_level("INFO", logger="rnnify.kernels"):
                 assert not hedgehog_window.usable(*ring)
             assert said in caplog.text
         assert not list(tmp_path.glob("kernels/*"))   # nothing half-built left behind

@@ -25,7 +25,7 @@ runpy.run_module("convert", run_name="__main__")
 
 @pytest.fixture(scope="module")
 def prepared():
-    from convert.cli import main
+    from rnnify.cli import main
     assert main(["prepare", str(REPO / "recipes/quickstart.yaml")]) == 0
 
 

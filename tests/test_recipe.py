@@ -7,8 +7,7 @@ import pytest
 import torch
 import yaml
 
-from convert.recipe import (GatedDeltaNetOptions, GLAOptions, HedgehogOptions, Mamba2Options, RecipeError,
-                            check_against_teacher, expand_layers, load_recipe, recipe_hash)
+from rnnify.recipe import (RecipeError, check_against_teacher, expand_layers, load_recipe, recipe_hash)
 from tests.conftest import make_teacher
 
 BASE = {"output_dir": "out", "teacher": "builtin:tiny-llama", "convert": {"mixer": {"type": "hedgehog"}},
@@ -85,7 +84,7 @@ def test_mixer_option_that_does_not_apply(tmp_path):
 
 def test_unknown_mixer_type(tmp_path):
     msg = error_of(tmp_path, with_({"convert.mixer": {"type": "rwkv9"}}))
-    assert "convert.mixer" in msg and "hedgehog, mamba2, gla, gated_deltanet" in msg
+    assert "convert.mixer" in msg and "gated_deltanet, gla, hedgehog, mamba2" in msg
 
 
 def test_unknown_dtype(tmp_path):
@@ -174,7 +173,7 @@ def test_dt_range_inverted(tmp_path):
 
 
 def test_eval_text_file_missing_or_unknown_corpus(tmp_path):
-    from convert.pipeline import validate
+    from rnnify.pipeline import validate
     with pytest.raises(RecipeError, match=r"eval.text: nope.txt: no such file or folder"):
         validate(str(write(tmp_path, with_({"eval.text": "nope.txt"}))))
     with pytest.raises(RecipeError, match=r"eval.text: builtin:wiki: unknown builtin corpus 'wiki'; available: "):
@@ -199,13 +198,14 @@ def test_eval_text_source_fields(tmp_path):
 
 def test_every_mixer_option_is_a_recipe_field_with_the_mixers_own_default():
     from convert.student.mixer_registry import MIXERS
-    for model in (HedgehogOptions, Mamba2Options, GLAOptions, GatedDeltaNetOptions):
-        name = model.model_fields["type"].annotation.__args__[0]
-        recipe = model(type=name).model_dump()
+    from rnnify.recipe import options_model
+    assert {"hedgehog", "mamba2", "gla", "gated_deltanet"} <= set(MIXERS)
+    for name, mixer in MIXERS.items():
+        recipe = options_model(mixer)(type=name).model_dump()
         recipe.pop("type")
-        runtime = MIXERS[name].options
+        runtime = mixer.defaults()
         assert set(recipe) == set(runtime), name   # an option added to a mixer class must be settable in recipes
-        recipe_set = {k for k, v in recipe.items() if (list(v) if isinstance(v, tuple) else v) == runtime[k]}
+        recipe_set = {k for k, v in recipe.items() if v == runtime[k]}
         assert set(recipe) - recipe_set <= {"sink"}, name   # sink alone resolves from window in the recipe
 
 
@@ -250,11 +250,11 @@ HUB_TEACHERS = {
 def test_quickstart_and_shipped_recipes_validate():
     from transformers import AutoConfig
 
-    from convert.pipeline import check_tasks
+    from rnnify.pipeline import check_tasks
     recipes = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
     assert {"quickstart.yaml", "llama_to_ssm.yaml", "llama_to_linear.yaml", "qwen_to_gla.yaml",
             "mistral_to_gated_deltanet.yaml"} <= {p.name for p in recipes}
-    from convert.pipeline import validate
+    from rnnify.pipeline import validate
     for path in recipes:
         recipe, _ = load_recipe(path)
         if recipe.teacher.startswith("builtin:"):   # the CLI path itself: test_cli_validate_checks_teacher_config
@@ -264,7 +264,7 @@ def test_quickstart_and_shipped_recipes_validate():
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         layers = check_against_teacher(recipe, config, str(path))
         assert layers, path
-        check_tasks(recipe, str(path))   # standard lm-eval task names
+        check_tasks(recipe.eval)   # standard lm-eval task names
         assert recipe.eval.speed is not None and recipe.stages, path
 
 
@@ -273,7 +273,7 @@ def test_device_names(tmp_path):
     assert msg.endswith("device: must be auto, cpu, cuda[:N], mps or xpu[:N] (got 'gpu')")
     for ok in ("auto", "cpu", "cuda", "cuda:1", "mps"):
         assert load_recipe(write(tmp_path, with_({"device": ok})))[0].device == ok
-    from convert.pipeline import resolve_device
+    from rnnify.pipeline import resolve_device
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cuda:1") == "cuda:1"
 
@@ -347,7 +347,7 @@ def test_a_bare_yaml_no_is_mixed_precision_no(tmp_path):
 
 
 def test_stage_budget_larger_than_the_data_stops_the_run_before_weights_load(tmp_path, monkeypatch):
-    from convert import pipeline
+    from rnnify import pipeline
     stage = {"name": "attention_transfer", "data": "builtin:python-docs", "tokens": 10 ** 9}
     path = str(write(tmp_path, {**BASE, "output_dir": str(tmp_path / "out"), "stages": [stage]}))
     pipeline.validate(path)   # validate reads no dataset beyond its first record: it cannot know the budget
@@ -394,7 +394,7 @@ def test_auto_keep_attention_fields(tmp_path):
 def test_trackers_are_known_and_installed(tmp_path):
     assert "trackers.0: Input should be 'tensorboard' or 'wandb' (got 'mlflow')" in \
         error_of(tmp_path, {**BASE, "trackers": ["mlflow"]})
-    from convert.pipeline import validate
+    from rnnify.pipeline import validate
     import importlib.util
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(RecipeError, match=r"trackers\[0\]: wandb is not installed: pip install 'rnnify\[wandb\]'"):

@@ -128,7 +128,7 @@ def test_decode_profile_pytorch_step_copy_decodes_without_the_fused_step(monkeyp
     import os
 
     from eval.decode_profile import with_pytorch_step
-    from kernels import hedgehog_window
+    from rnnify_kernels import hedgehog_window
 
     monkeypatch.delenv("RNNIFY_KERNELS_BACKEND", raising=False)
     fused_calls, fused_step = [], hedgehog_window.DecodeStep.__call__

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-import store
+from rnnify import store
 
 
 def fake_wheel(folder, name="rnnify_fake_pkg", version="1.0"):

@@ -108,7 +108,7 @@ def test_save_load_round_trip_in_fresh_process_without_rnnify(tmp_path, tokenize
     torch.save({"ids": ids, "refs": refs}, tmp_path / "ref.pt")
     code = f"""
 import logging, sys
-sys.modules["kernels"] = None; sys.modules["convert"] = None   # rnnify is not installed here
+sys.modules["rnnify_kernels"] = None; sys.modules["rnnify"] = None; sys.modules["convert"] = None   # rnnify is not installed here
 logging.basicConfig(level=logging.INFO)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -431,9 +431,9 @@ def test_attention_sink_is_seen_past_the_window_only_and_matches_its_own_cache()
 def test_windowed_decode_step_equals_the_general_form_and_follows_parameter_changes(monkeypatch, backend):
     """The one-token decode of a windowed Hedgehog (grouped heads, constants kept per cache, state updated in
     place) computes what the general windowed form computes, also after parameters change between steps: the
-    fused C step (``kernels.hedgehog_window``, the default on CPU) and the PyTorch step alike."""
+    fused C step (``rnnify_kernels.hedgehog_window``, the default on CPU) and the PyTorch step alike."""
     from convert.student.mixer_hedgehog import Hedgehog
-    from kernels import hedgehog_window
+    from rnnify_kernels import hedgehog_window
 
     if backend == "torch":
         monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "torch")

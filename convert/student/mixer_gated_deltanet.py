@@ -15,13 +15,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mixer_registry import HeadRMSNorm, Mixer, OutputGate, decay_init, register_mixer
+from .mixer_registry import ROPE, HeadRMSNorm, Mixer, Option, OutputGate, check_dt_range, decay_init, register_mixer
 
 
 @register_mixer
 class GatedDeltaNet(Mixer):
     name = "gated_deltanet"
-    options = {"rope": True, "dt_min": 0.001, "dt_max": 0.1, "conv": 4, "gate": True}
+    options = {"rope": ROPE,
+               "dt_min": Option(0.001, float, "smallest initial decay step size (heads spread log-uniformly)", gt=0),
+               "dt_max": Option(0.1, float, "largest initial decay step size", gt=0),
+               "conv": Option(4, int, "short causal conv taps on q/k/v (0: none)", ge=0, le=16),
+               "gate": Option(True, bool, "output gate silu(W_z h) before the output norm")}
+    check_options = classmethod(lambda cls, opts: check_dt_range(opts))
 
     def __init__(self, attn, arch, config, options, layer_idx):
         super().__init__(attn, arch, config, options, layer_idx)

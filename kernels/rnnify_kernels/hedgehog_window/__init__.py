@@ -52,7 +52,7 @@ class DecodeStep:
         for x in (keys, values, state, feature_q, feature_k, share):
             _check(x)
         if cpu.library() is None:
-            raise RuntimeError(f"{OP}: the C step could not be built (see the 'kernels' log); check usable() first")
+            raise RuntimeError(f"{OP}: the C step could not be built (see the rnnify.kernels log); check usable() first")
         self._tensors = [weakref.ref(x) for x in (keys, values, state, feature_q, feature_k, share)]
         self._sizes = (B, H, Hkv, D, F, Dv, S)
         self._token_shapes = ((B, H, D), (B, Hkv, D), (B, Hkv, Dv))

@@ -1,6 +1,6 @@
 """Build and load the fused C step (``step.c``) with the system C compiler, once per machine.
 
-The shared library goes to ``kernels.dispatch.cache_dir()`` (``<rnnify cache>/kernels``), named by a hash
+The shared library goes to ``rnnify_kernels.dispatch.cache_dir()`` (``<rnnify cache>/kernels``), named by a hash
 of the source, the compiler, its flags and this CPU's model and instruction-set flags (the build targets this CPU:
 ``-march=native``), written under a temporary name and renamed, so concurrent processes never load half a file.
 The compiler is ``$CC``, else ``cc``/``gcc``/``clang`` on the PATH.  No compiler, or a failed build: ``library()``
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..dispatch import cache_dir
 
-logger = logging.getLogger("kernels")
+logger = logging.getLogger("rnnify.kernels")
 SOURCE = Path(__file__).with_name("step.c")
 SYMBOL = "rnnify_hedgehog_window_step"
 FLAGS = ["-O3", "-fno-math-errno", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC"]
@@ -74,17 +74,17 @@ def library() -> ctypes.CDLL | None:
     """The loaded library with the step's argument types, or None (logged once) when it cannot be built."""
     cc = compiler()
     if cc is None:
-        logger.info("kernels.hedgehog_window: no C compiler (set $CC): decoding runs the PyTorch step")
+        logger.info("rnnify_kernels.hedgehog_window: no C compiler (set $CC): decoding runs the PyTorch step")
         return None
     try:
         path = _build(cc)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("kernels.hedgehog_window: %s: decoding runs the PyTorch step", error)
+        logger.warning("rnnify_kernels.hedgehog_window: %s: decoding runs the PyTorch step", error)
         return None
     step = getattr(lib, SYMBOL)
     i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     step.argtypes = [i] * 7 + [p] * 6 + [i, ctypes.c_long] + [p] * 6 + [i, i, f, f, p]
     step.restype = None
-    logger.info("kernels.hedgehog_window: fused C step on cpu (%s)", path)
+    logger.info("rnnify_kernels.hedgehog_window: fused C step on cpu (%s)", path)
     return lib

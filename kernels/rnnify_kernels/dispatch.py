@@ -22,7 +22,7 @@ import torch
 from . import fla_backend, torch_ops
 from .common import check_inputs
 
-logger = logging.getLogger("kernels")
+logger = logging.getLogger("rnnify.kernels")
 ENV_VAR = "RNNIFY_KERNELS_BACKEND"
 BACKENDS = ("torch", "triton", "fla")
 _announced: set[tuple[str, str, str]] = set()
@@ -104,7 +104,7 @@ def select_backend(op: str, x: torch.Tensor, backend: str | None) -> str:
                              f"{x.device.type} tensors; use backend='torch' there")
     if (op, choice, x.device.type) not in _announced:
         _announced.add((op, choice, x.device.type))
-        logger.info("kernels.%s: backend %s on %s (%s)", op, choice, x.device.type, why)
+        logger.info("rnnify_kernels.%s: backend %s on %s (%s)", op, choice, x.device.type, why)
     return choice
 
 
