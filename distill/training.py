@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from rnnify.store import fsync_directory, make_durable, write_text_atomically
+
 log = logging.getLogger("rnnify.distill")
 
 
@@ -76,24 +78,48 @@ def save_checkpoint(accelerator, folder: Path, step: int, tokens: int, fingerpri
         (tmp / "FINGERPRINT").write_text(fingerprint)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens,
                                                   "num_processes": accelerator.num_processes}))
+        make_durable(tmp)   # on disk before it counts as complete: a crash after the rename leaves it whole
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_directory(folder)
         complete = sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))
         for old in complete[:-keep]:             # only after the new one is complete
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[int, int]:
+def load_checkpoint(accelerator, path: Path, params: list | None = None) -> tuple[int, int]:
     """Restore what ``save_checkpoint`` wrote (trainable weights, optimizer, schedule, each process's RNG);
-    returns ``(step, tokens)``.  Another number of processes would see other batches: a ``ResumeError``."""
+    returns ``(step, tokens)``.  Another number of processes would see other batches, and a trainable tensor
+    (``params``) the checkpoint does not hold would silently start from scratch: both a ``ResumeError``."""
     state = json.loads((path / STATE_FILE).read_text())
     if state["num_processes"] != accelerator.num_processes:
         raise ResumeError(f"{path}: written by {state['num_processes']} process(es), resumed with "
                           f"{accelerator.num_processes}: the batches would differ; resume with "
                           f"{state['num_processes']} process(es), or delete the checkpoints folder to restart the stage")
+    if params is not None:
+        check_checkpoint_holds(accelerator, path, params)
     accelerator.load_state(str(path), strict=False)   # the checkpoint holds the trainable weights only
     return state["step"], state["tokens"]
+
+
+def check_checkpoint_holds(accelerator, path: Path, params: list) -> None:
+    """Every trainable tensor has its entry in the checkpoint's model files (accelerate's ``model.safetensors``,
+    ``model_<i>.safetensors``).  FSDP and DeepSpeed write sharded files of their own, which they check on load."""
+    from safetensors import safe_open
+    ids = {id(p) for p in params}
+    for i, model in enumerate(accelerator._models):
+        file = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not file.is_file():
+            continue
+        with safe_open(str(file), "pt") as f:
+            held = set(f.keys())
+        missing = [name for name, p in model.named_parameters() if id(p) in ids and name not in held]
+        if missing:
+            raise ResumeError(f"{path}: the checkpoint holds no {', '.join(missing[:3])}"
+                              f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}: the trainable "
+                              f"parameters changed since it was written (renamed or added); resuming would start "
+                              f"them from scratch. Delete {path.parent} to restart the stage")
 
 
 def save_only_trainable(params: list):
@@ -196,12 +222,12 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     resume = latest_checkpoint(ckpt_dir, opts.fingerprint) if opts.checkpoint_every else None
     batches = loader
     if resume is not None:
-        step, tokens = load_checkpoint(accelerator, resume)
+        step, tokens = load_checkpoint(accelerator, resume, params)
         history = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()][:step]
         batches = accelerator.skip_first_batches(loader, step * opts.gradient_accumulation_steps)
         log.info("%s: resuming from %s (step %d of %d)", name, resume, step, steps)
-    if main:   # the log holds exactly the steps taken so far
-        (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    if main:   # the log holds exactly the steps taken so far (the old log stays whole until the new one is there)
+        write_text_atomically(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     if opts.trackers:
         accelerator.init_trackers(name, config={k: v for k, v in vars(opts).items() if k != "trackers"})
     accelerator.wait_for_everyone()

@@ -138,8 +138,6 @@ def markdown(rows: dict[str, dict], context: int, tokens: int) -> str:
 
 
 def main(argv=None) -> int:
-    from transformers import AutoModelForCausalLM
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("teacher")
     parser.add_argument("student")
@@ -159,9 +157,7 @@ def main(argv=None) -> int:
         paths = [("teacher", args.teacher), ("student", args.student)]
         if args.pytorch_step:
             paths.append(("student, PyTorch step", args.student))
-        models = {name: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
-                                                             dtype=torch.float32).eval()
-                  for name, path in paths}
+        models = {name: load(path, student=name != "teacher") for name, path in paths}
         if args.pytorch_step:
             models["student, PyTorch step"].forward = with_pytorch_step(models["student, PyTorch step"].forward)
         print(speed_markdown(compare(models, [args.context], new_tokens=args.tokens, repeats=args.paired,
@@ -169,12 +165,19 @@ def main(argv=None) -> int:
         return 0
     rows = {}
     for name, path in (("teacher", args.teacher), ("student", args.student)):
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+        model = load(path, student=name == "student")
         profile_decode(model, min(64, args.context), 4, repeats=1)   # warm-up: allocations, first calls
         rows[name] = profile_decode(model, args.context, args.tokens, args.repeats)
         del model
     print(markdown(rows, args.context, args.tokens))
     return 0
+
+
+def load(path: str, student: bool):
+    """A model in fp32 for inference; only the student's folder runs its own code (rnnify's modeling files): the
+    teacher, which may be any Hub id, is loaded with transformers' built-in classes only."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=student, dtype=torch.float32).eval()
 
 
 if __name__ == "__main__":

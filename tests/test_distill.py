@@ -176,6 +176,9 @@ class _Probe(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Embedding(97, 8).to(torch.bfloat16).requires_grad_(False)
         self.proj = torch.nn.Linear(8, 8, bias=False).to(torch.bfloat16)
+        with torch.no_grad():   # magnitudes in [1, 2): bf16's spacing there is 2^-7, half of it ~3.9e-3
+            w = torch.empty(8, 8).uniform_(1, 2, generator=torch.Generator().manual_seed(0))
+            self.proj.weight.copy_(w * torch.randn(8, 8, generator=torch.Generator().manual_seed(1)).sign())
         self.seen = []
 
     def forward(self, input_ids, position_ids, labels):
@@ -192,8 +195,9 @@ def test_master_weights_are_fp32_under_mixed_precision_and_stages_may_change_pre
           tmp_path / "bf16", "bf16 stage")
     assert set(probe.seen) == {(torch.float32, True)}   # fp32 master weight, bf16 compute
     assert probe.proj.weight.dtype == torch.bfloat16 and probe.embed.weight.dtype == torch.bfloat16
-    # lr 1e-3 moves a weight by ~1e-3 per step, below half of bf16's spacing (~2e-3) for most weights here: applied
-    # in bf16 they would be lost; fp32 master weights accumulate them over the 9 steps
+    # lr 1e-3 moves a weight by at most ~1e-3 per step, below half of bf16's spacing (~3.9e-3) for every weight here:
+    # applied in bf16 each update would be rounded away (none changes: checked by training without master weights);
+    # fp32 master weights accumulate them over the 9 steps
     assert (probe.proj.weight != before).float().mean() > 0.9
     probe.seen.clear()
     probe.float()   # a later stage in the same process, without mixed precision (accelerate's state is reset)

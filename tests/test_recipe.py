@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from rnnify.recipe import (RecipeError, check_against_teacher, expand_layers, load_recipe, recipe_hash)
+from convert.teachers import prepare_teacher
 from tests.conftest import make_teacher
 
 BASE = {"output_dir": "out", "teacher": "builtin:tiny-llama", "convert": {"mixer": {"type": "hedgehog"}},
@@ -230,7 +231,31 @@ def test_cli_validate_checks_teacher_config(tmp_path, cli):
     assert code == 2 and "unknown builtin teacher 'tiny-gpt2'" in err
     code, out, err = cli("validate", str(write(tmp_path, BASE)))
     assert code == 0, err
-    assert "ok" in out
+    assert out.strip().endswith(f"{tmp_path / 'r.yaml'}: ok — teacher {prepare_teacher('tiny-llama')} (llama, 4 layers); "
+                                "4 layers -> hedgehog: [0, 1, 2, 3]")
+
+
+def test_validate_reads_the_first_record_of_each_text_source_and_nothing_more(tmp_path, monkeypatch):
+    """``validate`` checks every source (held-out text, each stage's data) by its first record: it never loads a
+    dataset whole, tokenizes or packs rows (that is ``run``'s work, before any weights load)."""
+    from rnnify.pipeline import inputs
+    checked = []
+    real = inputs.check_documents
+
+    def first_record_only(name, **kw):
+        checked.append((name, kw["split"]))
+        return real(name, **kw)
+
+    def refused(*a, **kw):
+        raise AssertionError("validate read more than a first record")
+    monkeypatch.setattr(inputs, "check_documents", first_record_only)
+    monkeypatch.setattr(inputs, "load_documents", refused)
+    monkeypatch.setattr(inputs, "packed_rows", refused)
+    stages = [{"name": "attention_transfer", "data": "builtin:python-docs", "tokens": 4096},
+              {"name": "distill", "data": {"source": "builtin:python-docs", "split": "heldout"}, "tokens": 4096}]
+    inputs.validate(str(write(tmp_path, {**BASE, "stages": stages})))
+    assert checked == [("builtin:python-docs", "heldout"), ("builtin:python-docs", "train"),
+                       ("builtin:python-docs", "heldout")]
 
 
 # the config.json of the Hub teachers the shipped recipes name (their weights cannot be downloaded here)

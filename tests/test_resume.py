@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 REPO = Path(__file__).parent.parent
@@ -100,7 +101,6 @@ def test_checkpoints_hold_the_trained_tensors_and_refuse_another_number_of_proce
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     save_checkpoint(accelerator, tmp_path, 4, 100, "fp", keep=2)
     path = tmp_path / "step-000004"
-    from safetensors.torch import load_file
     assert set(load_file(path / "model.safetensors")) == {"1.weight", "1.bias"}   # not the frozen layer
     with torch.no_grad():
         for p in model.parameters():
@@ -108,6 +108,15 @@ def test_checkpoints_hold_the_trained_tensors_and_refuse_another_number_of_proce
     assert load_checkpoint(accelerator, path) == (4, 100)
     assert torch.equal(model[1].weight, saved["1.weight"]) and not torch.equal(model[0].weight, saved["0.weight"])
     assert opt.state_dict()["state"], "the optimizer state came back"
+    trainable = list(model[1].parameters())
+    assert load_checkpoint(accelerator, path, trainable) == (4, 100)   # every trainable tensor is there
+    from safetensors.torch import save_file
+    held = load_file(path / "model.safetensors")
+    save_file({"1.renamed_weight" if k == "1.weight" else k: v for k, v in held.items()}, path / "model.safetensors")
+    with pytest.raises(ResumeError, match=r"step-000004: the checkpoint holds no 1\.weight: the trainable "
+                                          r"parameters changed since it was written"):
+        load_checkpoint(accelerator, path, trainable)
+    save_file(held, path / "model.safetensors")
     state = json.loads((path / "rnnify_state.json").read_text())
     (path / "rnnify_state.json").write_text(json.dumps({**state, "num_processes": 2}))
     try:
@@ -116,3 +125,29 @@ def test_checkpoints_hold_the_trained_tensors_and_refuse_another_number_of_proce
         assert "written by 2 process(es), resumed with 1" in str(e)
     else:
         raise AssertionError("expected a ResumeError")
+
+
+def test_a_result_made_by_other_code_is_made_again_and_the_log_says_why(tmp_path, cli, caplog, monkeypatch):
+    from rnnify.pipeline import provenance
+    args = ["run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path}", "device=cpu", "eval.max_tokens=512",
+            "stages=[{name: attention_transfer, data: builtin:python-docs, tokens: 1024, seq_len: 64, batch_size: 4, "
+            "eval_rows: 0, checkpoint_every: 2}]"]
+
+    def run() -> str:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="rnnify"):
+            code, _, stderr = cli(*args)
+        assert code == 0, stderr[-2000:]
+        return caplog.text
+
+    run()
+    assert "done before: weights restored" in run()   # the same code: the stage and evaluations are reused
+    real = provenance.installed_version
+    monkeypatch.setattr(provenance, "installed_version", lambda name: "99.0" if name == "transformers" else real(name))
+    text = run()
+    change = f"transformers {real('transformers')} -> 99.0"
+    assert f"stage 0 (attention_transfer): trained again: its result was made by other code ({change})" in text
+    assert f"evaluation of teacher: measured again: the earlier one was made by other code ({change})" in text
+    assert "done before" not in text
+    done = json.loads((tmp_path / "stages" / "0-attention_transfer" / "done.json").read_text())
+    assert done["code"]["transformers"] == "99.0" and done["code"]["rnnify_source"] == provenance.source_digest()

@@ -68,3 +68,61 @@ def test_atomic_writes_leave_the_previous_version_whole(tmp_path):
     assert (folder / "a").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["thing"]
     store.write_json_atomically(tmp_path / "r.json", {"x": 1})
     assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1} and not (tmp_path / "r.json.tmp").exists()
+
+
+def fake_sdist(folder, marker):
+    """An sdist whose setup.py writes ``marker`` when pip runs it (to build its metadata)."""
+    import io
+    import tarfile
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "rnnify_fake_sdist-1.0.tar.gz"
+    files = {"setup.py": f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                         "from setuptools import setup\nsetup(name='rnnify_fake_sdist', version='1.0', py_modules=[])\n",
+             "PKG-INFO": "Metadata-Version: 2.1\nName: rnnify_fake_sdist\nVersion: 1.0\n"}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"rnnify_fake_sdist-1.0/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_an_sdist_that_is_not_the_pinned_one_is_refused_before_any_of_its_code_runs(local_index, tmp_path,
+                                                                                   monkeypatch):
+    marker = tmp_path / "setup.py-ran"
+    sdist = fake_sdist(local_index, marker)
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")   # pip builds with this environment's setuptools (offline)
+    with pytest.raises(store.FetchError, match="does not match the pinned 00"):
+        store.pip_download("rnnify_fake_sdist==1.0", binary=False, sha256="00" * 32)
+    assert not marker.exists()
+    # the pinned file is fetched; pip builds its metadata only then (the marker shows that this setup.py does run)
+    name, data = store.pip_download("rnnify_fake_sdist==1.0", binary=False,
+                                    sha256=hashlib.sha256(sdist.read_bytes()).hexdigest())
+    assert name == sdist.name and data == sdist.read_bytes() and marker.exists()
+
+
+WRITER = """
+import json, sys
+from pathlib import Path
+from rnnify import store
+me, out = sys.argv[1], Path(sys.argv[2])
+for i in range(int(sys.argv[3])):
+    store.write_json_atomically(out / "r.json", {"writer": me, "i": i, "pad": "x" * 50000})
+    if i % 10 == 0:
+        store.write_folder_atomically(out / "folder", lambda tmp: [(tmp / n).write_text(f"{me} {i}") for n in "abc"])
+"""
+
+
+def test_concurrent_writers_each_leave_a_complete_result_and_no_temporary_files(tmp_path):
+    import subprocess
+    import sys
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, name, str(tmp_path), "200"], stderr=subprocess.PIPE,
+                              text=True) for name in ("one", "two")]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    final = json.loads((tmp_path / "r.json").read_text())
+    assert final["i"] == 199 and final["writer"] in ("one", "two") and len(final["pad"]) == 50000
+    contents = {(tmp_path / "folder" / n).read_text() for n in "abc"}
+    assert len(contents) == 1 and contents.pop().split()[1] == "190"   # one writer's last folder, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "r.json"]

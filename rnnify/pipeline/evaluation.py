@@ -12,6 +12,7 @@ from eval.perplexity import perplexity as score_windows
 
 from ..recipe import EvalSection
 from ..store import write_json_atomically
+from .provenance import changes, code_version
 
 log = logging.getLogger("rnnify.pipeline")
 EVALUATIONS_FILE = "evaluations.json"
@@ -73,12 +74,17 @@ def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
     """``evaluate()``, or its result from an earlier run of this output_dir with the same ``key``."""
     path = out / EVALUATIONS_FILE
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    if cache.get(name, {}).get("key") == key:
+    earlier = cache.get(name, {})
+    if earlier.get("key") == key:
         log.info("evaluation of %s: reused from %s", name, path)
-        return cache[name]["result"]
+        return earlier["result"]
+    now = code_version()
+    if earlier and earlier.get("code") != now:
+        log.info("evaluation of %s: measured again: the earlier one was made by other code (%s)", name,
+                 changes(earlier.get("code"), now))
     result = evaluate()
     if main:   # only this process writes the file, so the cache read above is current
-        cache[name] = {"key": key, "result": result}
+        cache[name] = {"key": key, "result": result, "code": now}
         write_json_atomically(path, cache)
     return result
 

@@ -79,6 +79,11 @@ def text_location(recipe: Recipe, text: TextSource, builtin_split: str, hub_spli
     return name, text.split or (builtin_split if name.startswith("builtin:") else hub_split)
 
 
+def is_hub_dataset(recipe: Recipe, text: TextSource) -> bool:
+    """Whether ``text`` names a Hub dataset (not a builtin corpus, not a local file, folder or glob)."""
+    return not text.source.startswith("builtin:") and resolve_path(recipe, text.source) is None
+
+
 def load_text(recipe: Recipe, text: TextSource, field: str, builtin_split: str, hub_split: str,
               check_only: bool = False):
     """The documents of ``text`` (a ``datasets.Dataset`` with column ``text``); errors name ``field``.

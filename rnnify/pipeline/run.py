@@ -18,8 +18,8 @@ from ..recipe import RecipeError, load_recipe, located, recipe_hash
 from ..store import write_json_atomically
 from .budget_curve import run_budget_curve
 from .evaluation import Evaluation
-from .inputs import all_stage_rows, check_tasks, heldout_windows, load_teacher, process_state, resolve_device, \
-    validate
+from .inputs import all_stage_rows, check_tasks, heldout_windows, is_hub_dataset, load_teacher, process_state, \
+    resolve_device, validate
 from .training import build_student, conversion_fingerprint, run_stages
 
 log = logging.getLogger("rnnify.pipeline")
@@ -148,7 +148,8 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
         "teacher_path": location,
         "teacher_untrained": bool(info.get("untrained", False)),
         "teacher_card": teacher_card(recipe.teacher, location, info),
-        "stage_data": [{"name": st.name, "data": st.data.source} for st in recipe.stages],
+        "stage_data": [{"name": st.name, "data": st.data.source, "hub_dataset": is_hub_dataset(recipe, st.data)}
+                       for st in recipe.stages],
         "mixer": recipe.convert.mixer.model_dump(),
         "mixer_layers": layers,
         "attention_layers": [i for i in range(n) if i not in layers],

@@ -18,6 +18,7 @@ from ..recipe import AutoKeep, ConvertSection, Recipe, RecipeError
 from ..stages import STAGES, train_options
 from ..stages.registry import stage_dir
 from ..store import write_json_atomically
+from .provenance import changes, code_version
 
 log = logging.getLogger("rnnify.pipeline")
 SINK_CALIBRATION_ROWS = 16   # stage 0's first rows, whose document starts give the sinks' mean key/value
@@ -31,7 +32,8 @@ def fingerprint(part: dict) -> str:
 
 def stage_fingerprint(section, previous: str, rows) -> str:
     """What a stage's result depends on: the stages before it (``previous``: their fingerprint, or the
-    conversion's for stage 0), its own recipe section and its rows' content (``datasets`` fingerprint)."""
+    conversion's for stage 0, which holds the code version), its own recipe section and its rows' content
+    (``datasets`` fingerprint)."""
     return fingerprint({"previous": previous, "stage": section.model_dump(mode="json"),
                         "rows": getattr(rows, "_fingerprint", None) or str(len(rows))})
 
@@ -52,6 +54,7 @@ def conversion_fingerprint(recipe: Recipe, location: str, mixer_layers: list[int
         part["calibrated"] = {"rows": calibrated, "data": first_rows}
     marker = Path(location, "RNNIFY_TEACHER.json")
     part["teacher_version"] = marker.read_text() if marker.is_file() else location
+    part["code"] = code_version()   # what the stages and evaluations chained to this one were made by, too
     return fingerprint(part)
 
 
@@ -85,15 +88,22 @@ def build_student(section: ConvertSection, stages: list, teacher, layers: list[i
     return student, calibrated
 
 
-def completed_stage(directory: Path, key: str) -> dict | None:
-    """The summary of a stage that finished with fingerprint ``key`` and whose final checkpoint is still there."""
+def completed_stage(directory: Path, key: str, label: str) -> dict | None:
+    """The summary of a stage that finished with fingerprint ``key`` and whose final checkpoint is still there;
+    when one finished with another fingerprint, the log says why it runs again (``label``: which stage)."""
     from distill.training import latest_checkpoint
     path = directory / DONE_FILE
     if not path.is_file():
         return None
     done = json.loads(path.read_text())
+    if done.get("fingerprint") != key:
+        now = code_version()
+        why = (f"its result was made by other code ({changes(done.get('code'), now)})" if done.get("code") != now
+               else "its recipe section, its data or a stage before it changed")
+        log.info("%s: trained again: %s", label, why)
+        return None
     last = latest_checkpoint(directory / "checkpoints", key)
-    if done.get("fingerprint") != key or last is None or last.name != f"step-{done['summary']['steps']:06d}":
+    if last is None or last.name != f"step-{done['summary']['steps']:06d}":
         return None
     return done["summary"]
 
@@ -123,7 +133,7 @@ def run_stages(recipe: Recipe, student, all_rows: dict, key: str, layers: list[i
         rows, held, tokenized = all_rows[i]
         key = stage_fingerprint(section, key, rows)
         directory = stage_dir(out, i, section)
-        done = completed_stage(directory, key)
+        done = completed_stage(directory, key, f"stage {i} ({section.name})")
         log.info("stage %d (%s): %d rows of %d tokens%s", i, section.name, len(rows), section.seq_len,
                  " (done before: weights restored from its last checkpoint, nothing retrained)" if done else "")
         try:
@@ -152,6 +162,7 @@ def run_stages(recipe: Recipe, student, all_rows: dict, key: str, layers: list[i
             summary["documents_tokenized"] = tokenized   # 0: its rows came from the rows cache
             timings[f"eval_after_stage_{i}_s"] = time.perf_counter() - t0
             if main:
-                write_json_atomically(directory / DONE_FILE, {"fingerprint": stage_key, "summary": summary})
+                write_json_atomically(directory / DONE_FILE, {"fingerprint": stage_key, "summary": summary,
+                                                              "code": code_version()})
         stages.append(summary)
     return student, stages, layers, curve_start

@@ -21,14 +21,31 @@ from ..dispatch import ENV_VAR
 from .naive import naive
 
 OP = "hedgehog_window"
+# step.c keeps one KV head's work on the stack (feature maps, the window's scores, a group's queries and sums):
+# shapes that need more than this are refused (``stack_bytes``), and decoding runs the PyTorch step instead
+STACK_BYTES_MAX = 256 * 1024
+
+
+def stack_bytes(H: int, Hkv: int, D: int, F: int, Dv: int, slots: int) -> int:
+    """Bytes of stack one call of the C step uses for these shapes (its arrays; see ``step.c``)."""
+    G = H // Hkv
+    floats = 2 * (2 * F) + G * (Dv + 1) + 2 * (Dv + 1) + slots + G * D + D
+    return 4 * floats + 8 * G   # and G pointers
+
+
+def _ring_sizes(keys: Tensor, values: Tensor, state: Tensor) -> tuple[int, ...]:
+    """(H, Hkv, D, F, Dv, slots) of a ring and state."""
+    B, Hkv, S, D = keys.shape
+    return state.shape[1], Hkv, D, state.shape[2] // 2, values.shape[-1] - 1, S
 
 
 def usable(q: Tensor, keys: Tensor, values: Tensor, state: Tensor) -> bool:
-    """Whether the fused step can run on these tensors here: CPU, fp32, contiguous ring and state, a built
-    library, and the backend not forced to ``torch`` (``$RNNIFY_KERNELS_BACKEND``)."""
+    """Whether the fused step can run on these tensors here: CPU, fp32, contiguous ring and state, shapes within
+    ``STACK_BYTES_MAX``, a built library, and the backend not forced to ``torch`` (``$RNNIFY_KERNELS_BACKEND``)."""
     fp32 = torch.float32
     return (q.device.type == "cpu" and q.dtype == fp32 and keys.dtype == fp32 and values.dtype == fp32
             and state.dtype == fp32 and keys.is_contiguous() and values.is_contiguous() and state.is_contiguous()
+            and stack_bytes(*_ring_sizes(keys, values, state)) <= STACK_BYTES_MAX
             and os.environ.get(ENV_VAR) != "torch" and cpu.library() is not None)
 
 
@@ -51,6 +68,11 @@ class DecodeStep:
                              f"{tuple(feature_k.shape)}, share {tuple(share.shape)})")
         for x in (keys, values, state, feature_q, feature_k, share):
             _check(x)
+        needed = stack_bytes(H, Hkv, D, F, Dv, S)
+        if needed > STACK_BYTES_MAX:
+            raise ValueError(f"{OP}: {S} window slots with H={H}, Hkv={Hkv}, D={D}, F={F}, Dv={Dv} need {needed:,} "
+                             f"bytes of stack in the C step, over its bound of {STACK_BYTES_MAX:,}: decode with the "
+                             f"PyTorch step ({ENV_VAR}=torch), which has no such bound")
         if cpu.library() is None:
             raise RuntimeError(f"{OP}: the C step could not be built (see the rnnify.kernels log); check usable() first")
         self._tensors = [weakref.ref(x) for x in (keys, values, state, feature_q, feature_k, share)]
