@@ -42,30 +42,104 @@ def check_lora_targets(student, targets: list[str]) -> None:
                          f"named {sorted(names)}")
 
 
+LOSS_CHUNK_BYTES = 64 * 2 ** 20   # one chunk's fp32 logits [chunk, vocab]: the loss holds a few such at a time
+
+
+def loss_chunk(vocab_size: int) -> int:
+    """Positions per chunk of the loss: ``LOSS_CHUNK_BYTES`` of fp32 logits (341 for SmolLM2's 49,152 tokens, 130
+    for Llama 3's 128,256)."""
+    return max(16, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
+
+class ChunkedDistillation(torch.autograd.Function):
+    """The stage loss from final hidden states, the LM head applied ``chunk`` positions at a time:
+
+        loss = kl_weight · T² · mean_n KL(softmax(z_t,n / T) ‖ softmax(z_s,n / T)) + ce_weight · mean_{y_n ≠ -100} CE(z_s,n, y_n)
+
+    with z = h Wᵀ per position n of h [N, D] (student: ``h_s``, ``w_s`` [V, D]; teacher: ``h_t``, ``w_t``), each
+    chunk's logits in fp32.  The forward pass also computes the gradients (of ``h_s``, and of ``w_s`` when it
+    trains), chunk by chunk, so no [N, V] tensor of either model is ever held; backward only scales them.  Returns
+    (loss, KL term before its weight, CE before its weight), the last two for the log.
+
+    liger-kernel's chunked distillation loss (``LigerFusedLinearJSDLoss``, beta 0 = this KL) does the same where
+    its semantics fit, but not here: it normalises KL and CE by one shared target mask (this loss counts KL at every
+    position, CE at the shifted ones, as the stage always has), computes chunk logits in the input dtype (bf16
+    under mixed precision, where this loss has always used fp32), and off CUDA runs uncompiled only.  Matching the
+    stage's loss with it would take two passes over the LM head; this form takes one (tests: equal values and
+    gradients to the full-logits form, vocabulary 128,256).
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, temperature: float, kl_weight: float, ce_weight: float,
+                chunk: int):
+        N, T = h_s.shape[0], temperature
+        counted = (labels != -100).sum()
+        grad_h = torch.zeros_like(h_s, dtype=torch.float32)
+        grad_w = torch.zeros_like(w_s, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        kl_sum = h_s.new_zeros((), dtype=torch.float32)
+        ce_sum = h_s.new_zeros((), dtype=torch.float32)
+        for start in range(0, N, chunk):
+            part = slice(start, min(start + chunk, N))
+            h = h_s[part].detach().requires_grad_()
+            w = w_s.detach().requires_grad_(grad_w is not None)
+            with torch.no_grad():
+                log_q = F.log_softmax((h_t[part] @ w_t.T).float() / T, -1)   # the teacher's chunk, then freed
+            with torch.enable_grad():
+                z = (h @ w.T).float()
+                kl = F.kl_div(F.log_softmax(z / T, -1), log_q, log_target=True, reduction="sum")
+                ce = F.cross_entropy(z, labels[part], ignore_index=-100, reduction="sum")
+                weighted = kl * (kl_weight * T * T / N) + (ce * (ce_weight / counted) if ce_weight else 0)
+                wanted = [h] + ([w] if grad_w is not None else [])
+                grads = torch.autograd.grad(weighted, wanted) if weighted.requires_grad else [None] * len(wanted)
+            if grads[0] is not None:
+                grad_h[part] = grads[0]
+                if grad_w is not None:
+                    grad_w += grads[1]
+            kl_sum += kl.detach()
+            ce_sum += ce.detach()
+        ctx.save_for_backward(grad_h.to(h_s.dtype), None if grad_w is None else grad_w.to(w_s.dtype))
+        kl_mean, ce_mean = kl_sum * T * T / N, ce_sum / counted
+        return kl_weight * kl_mean + (ce_weight * ce_mean if ce_weight else 0), kl_mean, ce_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss) + (None,) * 7
+
+
+def next_token_targets(labels):
+    """[B, T] labels -> [B·T] targets: position t predicts token t+1 of its row; a row's last position has none
+    (-100)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+
+
 class DistillLoss(nn.Module):
     """One module computing the stage loss (DDP wraps and syncs it)."""
 
     def __init__(self, model, student, temperature: float, kl_weight: float, ce_weight: float, frozen_copy=None):
         super().__init__()
-        self.model = model            # the student, or its peft wrapper
+        self.model = model            # the student, or its peft wrapper (adapters live in the student's modules)
         self.student = student        # the RnnifyForCausalLM inside (teacher_attention lives there)
         self.temperature, self.kl_weight, self.ce_weight = temperature, kl_weight, ce_weight
+        if student.lm_head.bias is not None:
+            raise ValueError("the distillation loss applies the LM head itself and takes none with a bias")
         # a plain attribute, not a submodule: DDP/FSDP must neither wrap nor sync the frozen teacher
         self.__dict__["frozen_copy"] = frozen_copy
 
     def forward(self, input_ids, position_ids, labels):
-        """[B, T] packed rows -> (loss, {"kl": ..., "ce": ...})."""
+        """[B, T] packed rows -> (loss, {"kl": ..., "ce": ...}); hidden states in, the LM heads applied per chunk."""
         teacher_model = self.frozen_copy if self.frozen_copy is not None else self.model
         teacher_student = self.frozen_copy if self.frozen_copy is not None else self.student
         adapters_off = teacher_model.disable_adapter() if hasattr(teacher_model, "disable_adapter") else nullcontext()
-        with torch.no_grad(), adapters_off, teacher_student.teacher_attention():
-            teacher = teacher_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
-        student = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
-        t = self.temperature
-        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                      reduction="none").sum(-1).mean() * t * t
-        ce = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return self.kl_weight * kl + self.ce_weight * ce, {"kl": kl.detach(), "ce": ce.detach()}
+        with torch.inference_mode(), adapters_off, teacher_student.teacher_attention():
+            h_t, _ = teacher_student.final_hidden_states(input_ids=input_ids, position_ids=position_ids,
+                                                         use_cache=False)
+        h_s, _ = self.student.final_hidden_states(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        loss, kl, ce = ChunkedDistillation.apply(
+            h_s.flatten(0, 1), self.student.lm_head.weight, h_t.flatten(0, 1), teacher_student.lm_head.weight,
+            next_token_targets(labels), self.temperature, self.kl_weight, self.ce_weight,
+            loss_chunk(self.student.lm_head.weight.shape[0]))
+        return loss, {"kl": kl.detach(), "ce": ce.detach()}
 
 
 def train_distill(student, rows, *, out_dir: Path, opts: TrainOptions, temperature: float = 1.0,

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from convert.convert import convert
 from distill.attention_transfer import layer_errors, mixer_parameters, train_attention_transfer
 from distill.data import pack_documents
 from distill.training import NonFiniteError, TrainOptions
-from tests.conftest import make_teacher
+from tests.conftest import make_teacher, randomize_mixers
 
 
 def rows(n_docs=40, seed=0):
@@ -226,3 +227,60 @@ def test_attention_transfer_with_a_training_window_trains_the_mixers_and_keeps_t
                                        eval_rows=rows(12, seed=1), train_window=2)
     assert all(err["after"]["mse"] < err["before"]["mse"] for err in summary["layer_errors"].values())
     assert all(student.model.layers[i].self_attn.window == 6 for i in (0, 2))
+
+
+def full_logits_loss(z_s, z_t, labels, T, kl_weight, ce_weight):
+    """The stage loss as it was computed before chunking: [B, T, V] logits of both models at once."""
+    kl = F.kl_div(F.log_softmax(z_s.float() / T, -1), F.log_softmax(z_t.float() / T, -1), log_target=True,
+                  reduction="none").sum(-1).mean() * T * T
+    ce = F.cross_entropy(z_s.float()[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return kl_weight * kl + ce_weight * ce, kl, ce
+
+
+@pytest.mark.parametrize("trains_head", [False, True], ids=["head-frozen", "head-trained"])
+def test_chunked_loss_equals_the_full_logits_loss_with_a_llama3_vocabulary(trains_head):
+    """Hidden states in, the LM head applied per chunk: the same loss, KL and CE, and the same gradients of the
+    student's hidden states (and head), as the full [B, T, 128,256] logits; chunks that do not divide the rows."""
+    from distill.distillation import ChunkedDistillation, next_token_targets
+    g = torch.Generator().manual_seed(0)
+    B, T, D, V = 2, 24, 16, 128_256
+    h_s, h_t = torch.randn(B, T, D, generator=g, requires_grad=True), torch.randn(B, T, D, generator=g)
+    w_s = (torch.randn(V, D, generator=g) / 4).requires_grad_(trains_head)
+    w_t = torch.randn(V, D, generator=g) / 4
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 5] = -100
+    for temperature, kl_weight, ce_weight in ((1.0, 1.0, 0.0), (2.0, 0.7, 0.4)):
+        ref = full_logits_loss(h_s @ w_s.T, h_t @ w_t.T, labels, temperature, kl_weight, ce_weight)
+        ref_grads = torch.autograd.grad(ref[0], [h_s] + ([w_s] if trains_head else []))
+        got = ChunkedDistillation.apply(h_s.flatten(0, 1), w_s, h_t.flatten(0, 1), w_t, next_token_targets(labels),
+                                        temperature, kl_weight, ce_weight, 20)
+        grads = torch.autograd.grad(got[0] * 3.0, [h_s] + ([w_s] if trains_head else []))   # backward scales
+        for a, b in zip(got, ref):
+            assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item()), (a, b)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, 3.0 * b, rtol=1e-5, atol=1e-8)
+
+
+def test_distill_loss_on_a_student_equals_the_loss_from_its_logits():
+    """The stage's module (hidden states, chunked heads, the teacher under inference mode) against the loss computed
+    from both models' logits, on a student with a Llama-3-sized vocabulary: same value, same mixer gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.distillation import DistillLoss
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128_256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    student = randomize_mixers(convert(LlamaForCausalLM(cfg).eval(), {"type": "gated_deltanet"}, [1]))
+    params = [p for n, p in student.named_parameters() if ".self_attn." in n and ".attn." not in n]
+    ids = torch.randint(0, 128_256, (2, 16), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(16).expand(2, -1)
+    loss, extras = DistillLoss(student, student, 2.0, 1.0, 0.5)(ids, pos, ids)
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad(), student.teacher_attention():
+        z_t = student(input_ids=ids, position_ids=pos, use_cache=False).logits
+    ref, kl, ce = full_logits_loss(student(input_ids=ids, position_ids=pos, use_cache=False).logits, z_t, ids, 2.0,
+                                   1.0, 0.5)
+    ref_grads = torch.autograd.grad(ref, params)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item() and torch.allclose(extras["kl"], kl)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

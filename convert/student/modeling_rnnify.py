@@ -221,6 +221,19 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         legacy_cache = kwargs.pop("past_key_values", None)   # the pre-5.x name of `cache`
         cache = legacy_cache if cache is None else cache
+        hidden, cache = self.final_hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                                                 use_cache, **kwargs)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def final_hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                            inputs_embeds=None, use_cache=None, **kwargs):
+        """The last block's output after the final norm, [B, T, hidden] (what ``lm_head`` reads), and the cache:
+        ``forward`` without the LM head (a distillation loss applies it a chunk of positions at a time)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         base = self.model
@@ -283,13 +296,7 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         hidden = base.norm(hidden)
         if cache is not None:
             cache.rnnify_seen_tokens = getattr(cache, "rnnify_seen_tokens", 0) + T
-
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return hidden, cache
 
 
 __all__ = ["RnnifyForCausalLM", "RnnifyPreTrainedModel"]
