@@ -156,6 +156,9 @@ TINY_ARCHITECTURES: dict[str, dict] = {
     "tiny-qwen2": {"model_type": "qwen2", **_TINY},
     "tiny-qwen3": {"model_type": "qwen3", **_TINY, "head_dim": 48},
     "tiny-phi3": {"model_type": "phi3", **_TINY, "tie_word_embeddings": False},
+    # Llama 3's vocabulary size (its tokenizer's ids use only the first rows): the memory of whatever is
+    # [batch, tokens, vocabulary] at the scale of the GPU recipes, on a CPU (the loss-memory rehearsal)
+    "tiny-llama3-vocab": {"model_type": "llama", **_TINY, "vocab_size": 128_256},
 }
 
 
@@ -189,7 +192,7 @@ def build_tiny_teacher(name: str, folder: Path) -> dict:
 
     spec = dict(TINY_ARCHITECTURES[name])
     tokenizer = train_tokenizer(tokenizer_training_text())
-    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer),
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=spec.pop("vocab_size", len(tokenizer)),
                                   bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id, **spec)
     torch.manual_seed(0)
