@@ -21,18 +21,19 @@ def commands(text: str) -> list[tuple[int, str, list[str]]]:
     spans += [(m.start(1), m.group(1)) for m in re.finditer(r"`([^`]+)`", prose)]
     found = []
     for start, span in spans:
-        for m in COMMAND.finditer(span.replace("\n", " ")):
+        flat = re.sub(r"\\\n", "  ", span).replace("\n", " ")   # shell line continuations, then line breaks
+        for m in COMMAND.finditer(flat):
             if "<" in m.group(2):   # a placeholder: recipes/<name>.yaml
                 continue
-            line = text.count("\n", 0, start + span.replace("\n", " ").index(m.group(0))) + 1
+            line = text.count("\n", 0, start + flat.index(m.group(0))) + 1
             found.append((line, m.group(2), shlex.split(m.group(3))))
     return found
 
 
 def test_the_scanner_finds_commands_in_spans_blocks_and_across_lines():
-    text = "a `python -m convert run\nrecipes/x.yaml a.b=1 'c=[]'` b\n```bash\npython -m convert validate recipes/y.yaml\n```\n" \
-           "`python -m convert run recipes/<name>.yaml`"
-    assert commands(text) == [(4, "recipes/y.yaml", []), (1, "recipes/x.yaml", ["a.b=1", "c=[]"])]
+    text = "a `python -m convert run\nrecipes/x.yaml a.b=1 'c=[]'` b\n```bash\npython -m convert validate recipes/y.yaml \\\n" \
+           "  d=2\n```\n`python -m convert run recipes/<name>.yaml`"
+    assert commands(text) == [(4, "recipes/y.yaml", ["d=2"]), (1, "recipes/x.yaml", ["a.b=1", "c=[]"])]
 
 
 @pytest.mark.parametrize("document", ["README.md", "BENCHMARKS.md"])
