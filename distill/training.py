@@ -200,6 +200,7 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     accelerator = Accelerator(cpu=opts.cpu, mixed_precision=opts.mixed_precision,
                               gradient_accumulation_steps=opts.gradient_accumulation_steps,
                               log_with=list(opts.trackers) or None, project_dir=out_dir)
+    reset_peak_memory(accelerator.device)   # the stage reports its own peak, not the run's so far
     loader = DataLoader(rows, batch_size=opts.batch_size, shuffle=False, collate_fn=collate_packed)
     groups = params if params and isinstance(params[0], dict) else None
     if groups:
@@ -285,12 +286,31 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
             "final_loss": history[-1]["loss"] if history else None, "peak_memory_gb": peak_memory_gb(accelerator.device)}
 
 
+def reset_peak_memory(device) -> None:
+    """Start a new peak: the CUDA allocator's on a GPU; on Linux the process's resident high-water mark (VmHWM,
+    reset through /proc/self/clear_refs), so that each phase (a stage, an evaluation point) reports its own peak.
+    Elsewhere on CPU the peak stays the process's so far."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_gb(device) -> float:
-    """Peak memory of this process so far: CUDA allocator peak on a GPU, peak resident set size on CPU."""
-    if device.type == "cuda":
+    """Peak memory since ``reset_peak_memory`` (else of this process so far): the CUDA allocator's peak on a GPU,
+    the resident high-water mark on CPU (VmHWM on Linux, ``ru_maxrss`` elsewhere)."""
+    if torch.device(device).type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    import resource
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)   # ru_maxrss is in KiB on Linux
+    try:
+        status = Path("/proc/self/status").read_text()
+        return round(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+                     / 2 ** 20, 2)   # kB
+    except (OSError, StopIteration, ValueError):
+        import resource
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)   # KiB on Linux
 
 
 def _why(name: str, what: str, value: float, step: int, opts: TrainOptions, ckpt_dir: Path) -> str:

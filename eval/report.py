@@ -63,15 +63,20 @@ def tasks_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+MEMORY_CAPTION = ("Peak memory of each phase alone (the CUDA allocator's peak on a GPU; on Linux the process's resident "
+                  "high-water mark, reset at the start of each phase), so the phases' peaks do not include each other.")
+
+
 def stages_table(report: dict) -> str:
     stages = report.get("stages") or []
     if not stages:
         return ""
-    lines = ["| stage | tokens | steps | wall | tokens/s | peak memory | final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| stage | tokens | steps | wall | tokens/s | peak memory | final loss | evaluation after it, peak |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i, s in enumerate(stages):   # a stage that trains nothing (a custom one) has no training figures: "–"
         cells = [_figure(s, "tokens", "{:,}"), _figure(s, "steps", "{}"), _figure(s, "wall_s", "{:.0f} s"),
                  _figure(s, "tokens_per_s", "{:.0f}"), _figure(s, "peak_memory_gb", "{:.1f} GB"),
-                 _figure(s, "final_loss", "{:.4g}")]
+                 _figure(s, "final_loss", "{:.4g}"), _figure(s, "eval_peak_memory_gb", "{:.1f} GB")]
         lines.append(f"| {i} {s['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -227,6 +232,10 @@ def render(report: dict) -> str:
     table = stages_table(report)
     if table:
         parts += ["## Training", table]
+    memory = report.get("eval_peak_memory_gb")
+    if memory:
+        parts += [MEMORY_CAPTION + f" Evaluation of the teacher: {memory['teacher_eval']:.1f} GB; of the final student "
+                  f"(ablation, speed against the teacher loaded again, passkey): {memory['final_eval']:.1f} GB."]
     commands = [(p, t, r["command"]) for p, ts in (report.get("tasks") or {}).items() for t, r in ts.items()
                 if p == "student"]
     if commands:

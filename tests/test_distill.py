@@ -284,3 +284,17 @@ def test_distill_loss_on_a_student_equals_the_loss_from_its_logits():
     assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item() and torch.allclose(extras["kl"], kl)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_each_phase_reports_its_own_peak_memory():
+    """``reset_peak_memory`` starts a new peak (Linux: the resident high-water mark), so a small phase after a large
+    one reports its own peak, not the large one's (stages and evaluation points are measured this way)."""
+    from distill.training import peak_memory_gb, reset_peak_memory
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    big = torch.ones(100 * 2 ** 20)   # 400 MB, written: resident
+    large = peak_memory_gb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    small = torch.ones(2 ** 20)
+    assert small.sum() > 0 and peak_memory_gb(cpu) < large - 0.3, (peak_memory_gb(cpu), large)

@@ -52,6 +52,11 @@ def test_run_trains_the_recipe_stages_and_reports_each(run_dir):
     assert sorted(errors) == ["1", "2", "3"]
     assert all(e["after"]["relative_mse"] < e["before"]["relative_mse"] for e in errors.values()), errors
     assert (folder / "loss.png").stat().st_size > 1000
+    # every phase's own peak memory: each stage, the evaluation after it, the teacher's and the final evaluation
+    assert all(s["peak_memory_gb"] > 0 and s["eval_peak_memory_gb"] > 0 for s in report["stages"])
+    assert set(report["eval_peak_memory_gb"]) == {"teacher_eval", "final_eval"}
+    assert all(v > 0 for v in report["eval_peak_memory_gb"].values())
+    assert "evaluation after it, peak" in (out / "REPORT.md").read_text()
     assert "after stage 0" in res.stdout and "after stage 1" in res.stdout
     assert (out / "stages" / "1-distill" / "loss.png").is_file()
 

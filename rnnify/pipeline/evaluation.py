@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -89,6 +90,18 @@ def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
     return result
 
 
+@contextmanager
+def own_peak(model):
+    """Within: a new peak of memory on ``model``'s device (``distill.training.reset_peak_memory``); yields a
+    function giving that peak in GB once the block has run."""
+    from distill.training import peak_memory_gb, reset_peak_memory
+    device = next(model.parameters()).device
+    reset_peak_memory(device)
+    peak = {}
+    yield lambda: peak["gb"]
+    peak["gb"] = peak_memory_gb(device)
+
+
 class Evaluation:
     """``eval:`` at each evaluation point of a run (the teacher, the student after conversion, after each stage,
     the final student), on the models it is handed; ``run`` and ``convert eval`` share it.
@@ -125,26 +138,35 @@ class Evaluation:
 
     def after_stage(self, student, i: int, last: bool, saved_path: str | None) -> dict:
         """A stage's point: held-out perplexity, and lm-eval if ``tasks_at`` names stages (or this is the ``last``
-        stage and it names the student: ``saved_path`` is where that student will be saved)."""
-        point = {"perplexity": self.perplexity(student)}
-        if "stages" in self.section.tasks_at or (last and "student" in self.section.tasks_at):
-            point["tasks"] = self.tasks(student, f"after_stage_{i}", saved_path if last else None, cached=False)
-        return point
+        stage and it names the student: ``saved_path`` is where that student will be saved); its own peak memory
+        (``eval_peak_memory_gb``)."""
+        with own_peak(student) as peak:
+            point = {"perplexity": self.perplexity(student)}
+            if "stages" in self.section.tasks_at or (last and "student" in self.section.tasks_at):
+                point["tasks"] = self.tasks(student, f"after_stage_{i}", saved_path if last else None, cached=False)
+        return {**point, "eval_peak_memory_gb": peak()}
 
     def teacher(self, teacher, location: str) -> dict:
-        """The teacher's point: perplexity, tasks (if ``tasks_at`` names it) and passkey (speed: at ``final``)."""
-        point = {"perplexity": self.perplexity(teacher, "teacher"), "tasks": None, "recall": None}
-        if "teacher" in self.section.tasks_at:
-            point["tasks"] = self.tasks(teacher, "teacher", location)
-        if self.section.recall:
-            point["recall"] = self.recall(teacher)
-        return point
+        """The teacher's point: perplexity, tasks (if ``tasks_at`` names it) and passkey (speed: at ``final``), and
+        its own peak memory (``peak_memory_gb``: what was measured in this run; a reused result costs nothing)."""
+        with own_peak(teacher) as peak:
+            point = {"perplexity": self.perplexity(teacher, "teacher"), "tasks": None, "recall": None}
+            if "teacher" in self.section.tasks_at:
+                point["tasks"] = self.tasks(teacher, "teacher", location)
+            if self.section.recall:
+                point["recall"] = self.recall(teacher)
+        return {**point, "peak_memory_gb": peak()}
 
     def final(self, student, teacher_point: dict, student_perplexity: float, student_tasks: dict | None,
               recall: dict | None = None) -> dict:
         """The final student's point beside the teacher's: component ablation, speed/memory against the teacher
         loaded again (speed.png) and passkey (``recall`` may already hold the student's, from the budget curve);
-        ``student_tasks`` as measured."""
+        ``student_tasks`` as measured; the point's own peak memory (``peak_memory_gb``)."""
+        with own_peak(student) as peak:
+            point = self._final(student, teacher_point, student_perplexity, student_tasks, recall)
+        return {**point, "peak_memory_gb": peak()}
+
+    def _final(self, student, teacher_point, student_perplexity, student_tasks, recall) -> dict:
         ablation = component_ablation(student, self.windows, self.section.batch_size, student_perplexity)
         tasks = {}
         if teacher_point["tasks"] is not None:
