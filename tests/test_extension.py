@@ -63,8 +63,9 @@ def registered():
     register_mixer(DecayedLinear)
     register_stage(Stage("toy_row_count", RowCountStage, run))
     yield calls
-    MIXERS.clear(), MIXERS.update(mixers)
-    STAGES.clear(), STAGES.update(stages)
+    for registry, before in ((MIXERS, mixers), (STAGES, stages)):
+        registry.clear()
+        registry.update(before)
 
 
 def recipe_file(tmp_path, **changes) -> Path:

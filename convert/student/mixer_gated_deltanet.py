@@ -26,7 +26,10 @@ class GatedDeltaNet(Mixer):
                "dt_max": Option(0.1, float, "largest initial decay step size", gt=0),
                "conv": Option(4, int, "short causal conv taps on q/k/v (0: none)", ge=0, le=16),
                "gate": Option(True, bool, "output gate silu(W_z h) before the output norm")}
-    check_options = classmethod(lambda cls, opts: check_dt_range(opts))
+
+    @classmethod
+    def check_options(cls, opts):
+        return check_dt_range(opts)
 
     def __init__(self, attn, arch, config, options, layer_idx):
         super().__init__(attn, arch, config, options, layer_idx)

@@ -92,13 +92,13 @@ def cached_evaluation(out: Path, name: str, key: dict, main: bool, evaluate):
 
 @contextmanager
 def own_peak(model):
-    """Within: a new peak of memory on ``model``'s device (``distill.training.reset_peak_memory``); yields a
-    function giving that peak in GB once the block has run."""
+    """Within: a new peak of memory on ``model``'s device (``distill.training.reset_peak_memory``); yields a dict
+    whose ``"gb"`` holds that peak once the block has run."""
     from distill.training import peak_memory_gb, reset_peak_memory
     device = next(model.parameters()).device
     reset_peak_memory(device)
     peak = {}
-    yield lambda: peak["gb"]
+    yield peak
     peak["gb"] = peak_memory_gb(device)
 
 
@@ -144,7 +144,7 @@ class Evaluation:
             point = {"perplexity": self.perplexity(student)}
             if "stages" in self.section.tasks_at or (last and "student" in self.section.tasks_at):
                 point["tasks"] = self.tasks(student, f"after_stage_{i}", saved_path if last else None, cached=False)
-        return {**point, "eval_peak_memory_gb": peak()}
+        return {**point, "eval_peak_memory_gb": peak["gb"]}
 
     def teacher(self, teacher, location: str) -> dict:
         """The teacher's point: perplexity, tasks (if ``tasks_at`` names it) and passkey (speed: at ``final``), and
@@ -155,16 +155,17 @@ class Evaluation:
                 point["tasks"] = self.tasks(teacher, "teacher", location)
             if self.section.recall:
                 point["recall"] = self.recall(teacher)
-        return {**point, "peak_memory_gb": peak()}
+        return {**point, "peak_memory_gb": peak["gb"]}
 
     def final(self, student, teacher_point: dict, student_perplexity: float, student_tasks: dict | None,
               recall: dict | None = None) -> dict:
         """The final student's point beside the teacher's: component ablation, speed/memory against the teacher
         loaded again (speed.png) and passkey (``recall`` may already hold the student's, from the budget curve);
-        ``student_tasks`` as measured; the point's own peak memory (``peak_memory_gb``)."""
+        ``student_tasks`` as measured; the teacher's and this point's own peak memory (``eval_peak_memory_gb``)."""
         with own_peak(student) as peak:
             point = self._final(student, teacher_point, student_perplexity, student_tasks, recall)
-        return {**point, "peak_memory_gb": peak()}
+        return {**point, "eval_peak_memory_gb": {"teacher_eval": teacher_point["peak_memory_gb"],
+                                                 "final_eval": peak["gb"]}}
 
     def _final(self, student, teacher_point, student_perplexity, student_tasks, recall) -> dict:
         ablation = component_ablation(student, self.windows, self.section.batch_size, student_perplexity)

@@ -133,7 +133,6 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
     timings["save_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     final = evaluation.final(student, teacher_point, ppl["student"], student_tasks, recall)
-    memory = {"teacher_eval": teacher_point["peak_memory_gb"], "final_eval": final.pop("peak_memory_gb")}
     measured = final.pop("tasks")   # points in the order of the run: teacher, after init, final, after each stage
     tasks = {name: result for name, result in [("teacher", measured.get("teacher")),
                                                ("student_after_init", tasks.pop("student_after_init", None)),
@@ -157,8 +156,7 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
         "attention_window": recipe.convert.attention_window,
         "attention_sink": recipe.convert.uses_attention_sink,
         "stages": stages,
-        **final,   # component_ablation, speed, recall
-        "eval_peak_memory_gb": memory,   # each evaluation point's own peak (a stage's: in its summary)
+        **final,   # component_ablation, speed, recall, eval_peak_memory_gb (a stage's evaluation: in its summary)
         "budget_curve": budget_curve,
         "tasks": tasks,
         "recipe_hash": digest,
@@ -206,9 +204,6 @@ def _evaluate_saved(recipe_path: str, overrides: list[str]) -> dict:
     student_tasks = None
     if "student" in recipe.eval.tasks_at:
         student_tasks = evaluation.tasks(student, "student", str((out / "student").resolve()))
-    final = evaluation.final(student, teacher_point, report["perplexity"]["student"], student_tasks)
-    report["eval_peak_memory_gb"] = {"teacher_eval": teacher_point["peak_memory_gb"],
-                                     "final_eval": final.pop("peak_memory_gb")}
-    report.update(final)
+    report.update(evaluation.final(student, teacher_point, report["perplexity"]["student"], student_tasks))
     publish(report, out)
     return report
