@@ -13,7 +13,7 @@ changes the weights the teacher is made of, so it alone keeps a frozen copy of t
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -107,6 +107,23 @@ class ChunkedDistillation(torch.autograd.Function):
         return (grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss) + (None,) * 7
 
 
+@contextmanager
+def activation_checkpointing(student):
+    """Within: each decoder layer (its mixer or attention and its MLP) keeps only its input for the backward pass
+    and runs again there (non-reentrant ``torch.utils.checkpoint``), so a training step holds one layer's
+    activations instead of every layer's; transformers' own switch (``activation_checkpointing_enable``, before
+    5.25 ``gradient_checkpointing_enable``), turned off again on the way out."""
+    enable = getattr(student, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield student
+    finally:
+        (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
+
+
 def next_token_targets(labels):
     """[B, T] labels -> [B·T] targets: position t predicts token t+1 of its row; a row's last position has none
     (-100)."""
@@ -168,13 +185,10 @@ def train_distill(student, rows, *, out_dir: Path, opts: TrainOptions, temperatu
         p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     n_lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    if gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    summary = train(DistillLoss(model, student, temperature, kl_weight, ce_weight, frozen_copy), params, rows, opts,
-                    out_dir, "distill")
+    with activation_checkpointing(student) if gradient_checkpointing else nullcontext():
+        summary = train(DistillLoss(model, student, temperature, kl_weight, ce_weight, frozen_copy), params, rows,
+                        opts, out_dir, "distill")
     del frozen_copy
-    if gradient_checkpointing:
-        student.gradient_checkpointing_disable()
     if trainable == "lora":
         student = model.merge_and_unload()
     for p in student.parameters():

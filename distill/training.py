@@ -7,6 +7,8 @@ not finite, naming the step and the likely causes.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -286,17 +288,51 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
             "final_loss": history[-1]["loss"] if history else None, "peak_memory_gb": peak_memory_gb(accelerator.device)}
 
 
+def release_freed_memory() -> None:
+    """Hand memory that is no longer used back to the system: collect unreachable objects, then ask glibc to
+    return the free pages of its heaps (``malloc_trim``; without it, tensors under glibc's mmap threshold, which
+    grows to 32 MB as large tensors are freed, leave their pages resident after they die, and the next phase
+    starts from the last one's peak: measured 7.8 GB resident for 1.3 GB live after the quickstart's stage 2).
+    A no-op where the C library has no ``malloc_trim``."""
+    gc.collect()
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def reset_peak_memory(device) -> None:
-    """Start a new peak: the CUDA allocator's on a GPU; on Linux the process's resident high-water mark (VmHWM,
-    reset through /proc/self/clear_refs), so that each phase (a stage, an evaluation point) reports its own peak.
-    Elsewhere on CPU the peak stays the process's so far."""
+    """Start a new peak from what is live (``release_freed_memory``): the CUDA allocator's on a GPU; on Linux the
+    process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs), so that each phase (a stage,
+    an evaluation point) reports its own peak.  Elsewhere on CPU the peak stays the process's so far.  The peak
+    so far is kept for ``process_peak_memory_gb``."""
+    global _earlier_peak_gb
+    _earlier_peak_gb = max(_earlier_peak_gb, peak_memory_gb(device))
+    release_freed_memory()
     if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+_earlier_peak_gb = 0.0   # the highest peak before the last reset_peak_memory
+
+
+def process_peak_memory_gb(device) -> float:
+    """The process's peak over its whole life, across the resets of ``reset_peak_memory`` (each reads the peak
+    before starting a new one; resetting also resets what ``getrusage`` and ``/usr/bin/time`` report)."""
+    return max(_earlier_peak_gb, peak_memory_gb(device))
 
 
 def peak_memory_gb(device) -> float:

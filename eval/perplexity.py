@@ -4,6 +4,46 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+LOGITS_CHUNK_BYTES = 64 << 20   # fp32 logits held at once when the LM head is applied a chunk of positions at a time
+# config fields that post-process logits after the LM head (Gemma 2's soft cap, Cohere's and Granite's scales):
+# such models are scored from their full logits, which apply them
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def hidden_states_and_head(model):
+    """``model`` -> (f(input_ids, attention_mask) -> [B, T, hidden] states the LM head reads, head weight [V, hidden]),
+    or None when its logits are not a bias-free linear map of those states (then they are computed whole).
+
+    An rnnify student gives ``final_hidden_states``; a transformers causal LM its decoder (``get_decoder()``, whose
+    ``last_hidden_state`` is already normalised) and its output embeddings."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    if hasattr(model, "final_hidden_states"):
+        return (lambda ids, mask: model.final_hidden_states(input_ids=ids, attention_mask=mask, use_cache=False)[0],
+                head.weight)
+    config = getattr(model, "config", None)
+    if not hasattr(model, "get_decoder") or any(getattr(config, name, None) not in (None, 1, 1.0)
+                                                  for name in LOGIT_POSTPROCESSING):
+        return None
+    decoder = model.get_decoder()
+    if decoder is model or decoder is None:
+        return None
+    return (lambda ids, mask: decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state,
+            head.weight)
+
+
+def summed_nll(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ −log softmax(h W^T)[target] over positions, the fp32 logits made ``LOGITS_CHUNK_BYTES`` at a time.
+    hidden [N, hidden], head [V, hidden], targets [N] (−100: not counted) -> scalar."""
+    step = max(1, LOGITS_CHUNK_BYTES // (4 * head.shape[0]))
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, hidden.shape[0], step):
+        logits = F.linear(hidden[start:start + step], head).float()
+        total += F.cross_entropy(logits, targets[start:start + step], ignore_index=-100, reduction="sum").double()
+    return total
 
 
 @torch.no_grad()
@@ -12,7 +52,9 @@ def perplexity(model, windows: list[torch.Tensor], batch_size: int = 4, *, split
 
     Windows are batched with right padding and an attention mask (recurrent state never sees padding
     before real tokens); no state or context is carried from one window to the next.  Works for any
-    causal LM returning ``.logits``.  ``split_across_processes``: under ``torch.distributed``, process r
+    causal LM returning ``.logits``; where the logits are a linear map of hidden states
+    (``hidden_states_and_head``) the head is applied a chunk of positions at a time, so a batch never holds its
+    whole [B, T, V] logits.  ``split_across_processes``: under ``torch.distributed``, process r
     scores windows r, r + W, r + 2W, ... and the NLL and token sums are all-reduced, so every process
     gets the same figure in 1/W of the time (every process must call it).
     """
@@ -22,6 +64,7 @@ def perplexity(model, windows: list[torch.Tensor], batch_size: int = 4, *, split
     if distributed:
         windows = windows[torch.distributed.get_rank()::torch.distributed.get_world_size()]
     device = next(model.parameters()).device
+    chunked = hidden_states_and_head(model)
     total_nll, total_tokens = 0.0, 0
     model.eval()
     for i in range(0, len(windows), batch_size):
@@ -33,12 +76,19 @@ def perplexity(model, windows: list[torch.Tensor], batch_size: int = 4, *, split
             batch[j, :w.numel()] = w
             mask[j, :w.numel()] = 1
         batch, mask = batch.to(device), mask.to(device)
-        logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                batch[:, 1:].reshape(-1), reduction="none")
-        keep = mask[:, 1:].reshape(-1).bool()
-        total_nll += nll[keep].sum().item()
-        total_tokens += int(keep.sum())
+        # position t predicts token t + 1; padding and each row's last position predict nothing
+        targets = F.pad(batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)
+        if chunked is not None:
+            states, head = chunked
+            hidden = states(batch, mask)
+            total_nll += summed_nll(hidden.flatten(0, 1), head, targets.flatten()).item()
+            del hidden
+        else:
+            logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+            total_nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                         reduction="sum").item()
+            del logits
+        total_tokens += int(mask[:, 1:].sum())
     if distributed:
         sums = torch.tensor([total_nll, float(total_tokens)], dtype=torch.float64,
                             device=device if torch.distributed.get_backend() == "nccl" else "cpu")

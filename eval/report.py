@@ -235,7 +235,9 @@ def render(report: dict) -> str:
     memory = report.get("eval_peak_memory_gb")
     if memory:
         parts += [MEMORY_CAPTION + f" Evaluation of the teacher: {memory['teacher_eval']:.1f} GB; of the final student "
-                  f"(ablation, speed against the teacher loaded again, passkey): {memory['final_eval']:.1f} GB."]
+                  f"(ablation, speed against the teacher loaded again, passkey): {memory['final_eval']:.1f} GB."
+                  + (f" The whole run's peak: {report['run_peak_memory_gb']:.1f} GB." if report.get("run_peak_memory_gb")
+                     else "")]
     commands = [(p, t, r["command"]) for p, ts in (report.get("tasks") or {}).items() for t, r in ts.items()
                 if p == "student"]
     if commands:

@@ -1,6 +1,9 @@
 """Stage 1 (attention transfer) on a tiny model: mixers learn their layer's attention output, nothing else moves."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,9 @@ from convert.convert import convert
 from distill.attention_transfer import layer_errors, mixer_parameters, train_attention_transfer
 from distill.data import pack_documents
 from distill.training import NonFiniteError, TrainOptions
-from tests.conftest import make_teacher, randomize_mixers
+from tests.conftest import MIXERS, make_teacher, randomize_mixers
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rows(n_docs=40, seed=0):
@@ -123,6 +128,38 @@ def test_gradient_checkpointing_gives_the_same_loss(tmp_path):
         losses.append([json.loads(x)["loss"] for x in log])
         assert summary["peak_memory_gb"] > 0
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-8)
+
+
+def saved_for_backward(student, ids):
+    """(bytes of the distinct tensors autograd keeps for the backward pass of a forward, the gradients)."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden, _ = student.final_hidden_states(input_ids=ids, use_cache=False)
+    hidden.square().mean().backward()
+    grads = [p.grad.clone() for p in student.parameters() if p.grad is not None]
+    student.zero_grad(set_to_none=True)
+    return sum(kept.values()), grads
+
+
+@pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(map(str, m.values())))
+def test_activation_checkpointing_keeps_only_layer_inputs_for_every_mixer(mixer):
+    """With checkpointing on, a training forward keeps a small fraction of what it keeps without (each layer, mixer
+    included, runs again in the backward pass) and the gradients are the same: no mixer sidesteps it."""
+    from distill.distillation import activation_checkpointing
+    student = randomize_mixers(convert(make_teacher("llama", num_hidden_layers=4), mixer, [0, 1, 2])).train()
+    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))
+    without, grads = saved_for_backward(student, ids)
+    with activation_checkpointing(student):
+        with_it, grads_with = saved_for_backward(student, ids)
+    assert with_it < 0.1 * without, (with_it, without)
+    assert len(grads) == len(grads_with) > 0
+    for a, b in zip(grads, grads_with):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert saved_for_backward(student, ids)[0] > 0.9 * without   # turned off again on the way out
 
 
 def test_tensorboard_tracker_gets_every_step(tmp_path):
@@ -289,7 +326,7 @@ def test_distill_loss_on_a_student_equals_the_loss_from_its_logits():
 def test_each_phase_reports_its_own_peak_memory():
     """``reset_peak_memory`` starts a new peak (Linux: the resident high-water mark), so a small phase after a large
     one reports its own peak, not the large one's (stages and evaluation points are measured this way)."""
-    from distill.training import peak_memory_gb, reset_peak_memory
+    from distill.training import peak_memory_gb, process_peak_memory_gb, reset_peak_memory
     cpu = torch.device("cpu")
     reset_peak_memory(cpu)
     big = torch.ones(100 * 2 ** 20)   # 400 MB, written: resident
@@ -298,3 +335,34 @@ def test_each_phase_reports_its_own_peak_memory():
     reset_peak_memory(cpu)
     small = torch.ones(2 ** 20)
     assert small.sum() > 0 and peak_memory_gb(cpu) < large - 0.3, (peak_memory_gb(cpu), large)
+    assert process_peak_memory_gb(cpu) >= large   # the process's peak survives the resets
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident size from /proc")
+def test_memory_freed_between_phases_goes_back_to_the_system(tmp_path):
+    """Tensors under glibc's (grown) mmap threshold live in its heap; freed between live ones they stay resident
+    until ``release_freed_memory`` trims the heap, so without it the next phase would start from this one's peak.
+    In a fresh process, so that the heap's layout is this test's."""
+    script = """
+import torch
+from pathlib import Path
+from distill.training import release_freed_memory
+def rss():
+    return int(next(l.split()[1] for l in Path("/proc/self/status").read_text().splitlines()
+                    if l.startswith("VmRSS:"))) / 2 ** 20
+once = torch.ones(30 * 2 ** 18)
+del once   # a freed 30 MB mapping raises glibc's mmap threshold to 30 MB
+big, pins = [], []
+for _ in range(40):
+    big.append(torch.ones(5 * 2 ** 20))   # 20 MB each, in the heap now
+    pins.append(torch.ones(2 ** 18))   # a live 1 MB tensor after each, from the heap top: the freed ones are holes
+start = rss()
+del big
+held = rss()
+release_freed_memory()
+print(start, held, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    start, held, released = map(float, out.stdout.split())
+    assert held > start - 0.3, "the heap returned the holes by itself: this test no longer sees the effect"
+    assert released < held - 0.6, (start, held, released)

@@ -56,6 +56,10 @@ def test_run_trains_the_recipe_stages_and_reports_each(run_dir):
     assert all(s["peak_memory_gb"] > 0 and s["eval_peak_memory_gb"] > 0 for s in report["stages"])
     assert set(report["eval_peak_memory_gb"]) == {"teacher_eval", "final_eval"}
     assert all(v > 0 for v in report["eval_peak_memory_gb"].values())
+    phases = [s["peak_memory_gb"] for s in report["stages"]] + [s["eval_peak_memory_gb"] for s in report["stages"]] \
+        + list(report["eval_peak_memory_gb"].values())
+    assert report["run_peak_memory_gb"] >= max(phases)   # the whole run's, though each phase reset the peak
+    assert f"The whole run's peak: {report['run_peak_memory_gb']:.1f} GB" in (out / "REPORT.md").read_text()
     assert "evaluation after it, peak" in (out / "REPORT.md").read_text()
     assert "after stage 0" in res.stdout and "after stage 1" in res.stdout
     assert (out / "stages" / "1-distill" / "loss.png").is_file()
@@ -373,3 +377,40 @@ def test_lora_targets_that_match_nothing_stop_the_run_before_training(tmp_path, 
     assert code == 2 and "Traceback" not in stderr
     assert "tiny.yaml: stages[1].lora.target_modules: lora.target_modules ['qkv_proj'] match no Linear layer" \
         in stderr and not (tmp_path / "out" / "stages").exists()
+
+
+def full_logits_perplexity(model, windows):
+    """The definition: every window's whole logits, mean NLL of each next token."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=w[None], use_cache=False).logits[0].double()
+            nll += torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum").item()
+            count += w.numel() - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("which", ["teacher", "student", "softcapped"])
+def test_perplexity_applies_the_lm_head_per_chunk_and_equals_the_full_logits(which, monkeypatch):
+    import eval.perplexity as ppl
+    from conftest import make_teacher, randomize_mixers
+    from convert.convert import convert
+
+    if which == "softcapped":   # logits post-processed after the head: scored from the model's own logits
+        model = make_teacher("llama")
+        model.config.final_logit_softcapping = 2.0
+        model.forward = lambda *a, _f=model.forward, **k: type("Out", (), {"logits": 2.0 * torch.tanh(
+            _f(*a, **k).logits / 2.0)})()
+    else:
+        model = make_teacher("llama")
+        if which == "student":
+            model = randomize_mixers(convert(model, {"type": "hedgehog", "window": 5, "sink": True}, [0, 2]))
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 97, (n,), generator=g) for n in (23, 17, 23, 2, 9)]
+    expected = full_logits_perplexity(model, windows)
+    chunked = ppl.hidden_states_and_head(model)
+    assert (chunked is None) == (which == "softcapped")
+    if chunked is not None:   # whole logits are never made: the head module is not called, its weight is used
+        model.get_output_embeddings().register_forward_hook(lambda *a: pytest.fail("whole logits computed"))
+    monkeypatch.setattr(ppl, "LOGITS_CHUNK_BYTES", 4 * 97 * 3)   # 3 positions per chunk: chunks span rows
+    assert ppl.perplexity(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-5)

@@ -13,6 +13,7 @@ import yaml
 
 from convert.convert import save_student
 from convert.teachers import teacher_info
+from distill.training import process_peak_memory_gb
 
 from ..recipe import RecipeError, load_recipe, located, recipe_hash
 from ..store import write_json_atomically
@@ -160,6 +161,7 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
         "budget_curve": budget_curve,
         "tasks": tasks,
         "recipe_hash": digest,
+        "run_peak_memory_gb": process_peak_memory_gb(device),   # across every phase and what lies between them
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "student_path": str((out / "student").resolve()),
     }
