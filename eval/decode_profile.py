@@ -5,6 +5,7 @@ the norms; the LM head) and the rest (embedding, residuals, masks, the decoder l
     python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 512 --tokens 64 --repeats 3
     python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 512 --tokens 8 --paired 16
     python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 512 --tokens 16 --paired 8 --pytorch-step
+    python eval/decode_profile.py TEACHER_DIR STUDENT_DIR --context 1024 --prefill --repeats 3
 
 Each module kind is timed by forward hooks around every module of that class, in the same process and on the
 same prompt for both models; hooks add the same small cost per call to both, so read the columns side by side
@@ -42,9 +43,10 @@ def module_kind(module: torch.nn.Module) -> str | None:
 
 
 @torch.inference_mode()
-def profile_decode(model, context: int, tokens: int, repeats: int = 3, seed: int = 0) -> dict:
+def profile_decode(model, context: int, tokens: int, repeats: int = 3, seed: int = 0, prefill: bool = False) -> dict:
     """Per-token milliseconds of ``model`` decoding ``tokens`` greedy tokens after ``context``: 'total' (no hooks)
-    and one entry per module kind (hooked run), medians over ``repeats``; 'modules_timed': modules per kind."""
+    and one entry per module kind (hooked run), medians over ``repeats``; 'modules_timed': modules per kind.
+    ``prefill``: the milliseconds of the prefill of ``context`` tokens instead (one forward with the cache)."""
     from transformers.cache_utils import DynamicCache
 
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
@@ -53,7 +55,12 @@ def profile_decode(model, context: int, tokens: int, repeats: int = 3, seed: int
 
     def decode(timed_kinds: dict | None):
         cache = DynamicCache(config=model.config)
+        if timed_kinds is not None:
+            timed_kinds.clear()
+        t0 = time.perf_counter()
         token = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        if prefill:
+            return (time.perf_counter() - t0) * 1e3
         if timed_kinds is not None:
             timed_kinds.clear()
         t0 = time.perf_counter()
@@ -82,7 +89,7 @@ def profile_decode(model, context: int, tokens: int, repeats: int = 3, seed: int
     try:
         for _ in range(repeats):
             decode(spent)
-            runs.append({kind: seconds / tokens * 1e3 for kind, seconds in spent.items()})
+            runs.append({kind: seconds / (1 if prefill else tokens) * 1e3 for kind, seconds in spent.items()})
     finally:
         for h in handles:
             h.remove()
@@ -123,17 +130,20 @@ def with_pytorch_step(forward):
     return run
 
 
-def markdown(rows: dict[str, dict], context: int, tokens: int) -> str:
-    """One row per model: ms per token by module kind, and the ratio of totals to the first model's."""
+def markdown(rows: dict[str, dict], context: int, tokens: int, prefill: bool = False) -> str:
+    """One row per model: ms per token (or per prefill) by module kind, and the ratio of totals to the first
+    model's."""
     names = list(rows)
     ref = rows[names[0]]["total"]
     kinds = ["token mixer", "MLP", "norms", "LM head", "rest"]
-    lines = [f"decode at {context:,} tokens of context, ms per token ({tokens} tokens; median of repeats)", "",
-             "| model | total | " + " | ".join(kinds) + f" | tokens/s | × {names[0]} |",
+    what = (f"prefill of {context:,} tokens, ms (median of repeats)" if prefill else
+            f"decode at {context:,} tokens of context, ms per token ({tokens} tokens; median of repeats)")
+    rate = "prompt tokens/s" if prefill else "tokens/s"
+    lines = [what, "", "| model | total | " + " | ".join(kinds) + f" | {rate} | × {names[0]} |",
              "|---|" + "---:|" * (len(kinds) + 3)]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['total']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in kinds)
-                     + f" | {1e3 / r['total']:.1f} | {ref / r['total']:.2f}× |")
+                     + f" | {(context if prefill else 1) * 1e3 / r['total']:.1f} | {ref / r['total']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -150,6 +160,8 @@ def main(argv=None) -> int:
                         help="with --paired: also a second copy of the student that decodes with the PyTorch step "
                              "instead of the fused one (rnnify_kernels.hedgehog_window), in the same rounds")
     parser.add_argument("--batch", type=int, default=1, help="with --paired: rows decoded at once")
+    parser.add_argument("--prefill", action="store_true", help="instead of decoding: where the prefill of "
+                                                               "--context tokens spends its time")
     args = parser.parse_args(argv)
     if args.paired:   # eval/speed.py's alternating rounds at this one length
         from eval.speed import compare
@@ -167,9 +179,9 @@ def main(argv=None) -> int:
     for name, path in (("teacher", args.teacher), ("student", args.student)):
         model = load(path, student=name == "student")
         profile_decode(model, min(64, args.context), 4, repeats=1)   # warm-up: allocations, first calls
-        rows[name] = profile_decode(model, args.context, args.tokens, args.repeats)
+        rows[name] = profile_decode(model, args.context, args.tokens, args.repeats, prefill=args.prefill)
         del model
-    print(markdown(rows, args.context, args.tokens))
+    print(markdown(rows, args.context, args.tokens, prefill=args.prefill))
     return 0
 
 

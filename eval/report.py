@@ -19,19 +19,68 @@ def headline_metric(metrics: dict) -> str | None:
     return next((m for m in _METRIC_ORDER if m in metrics), None)
 
 
-def perplexity_rows(report: dict) -> list[tuple[str, float]]:
+def perplexity_rows(report: dict) -> list[tuple[str, float, float | None]]:
+    """(point, held-out perplexity, unseen-domain perplexity or None) at every evaluated point."""
     ppl = report["perplexity"]
-    rows = [("teacher", ppl["teacher"]), ("student after init", ppl["student_after_init"])]
-    rows += [(f"after stage {i} ({s['name']})", s["perplexity"]) for i, s in enumerate(report.get("stages", []))]
+    unseen = (report.get("unseen") or {}).get("perplexity", {})
+    rows = [("teacher", ppl["teacher"], unseen.get("teacher")),
+            ("student after init", ppl["student_after_init"], unseen.get("student_after_init"))]
+    rows += [(f"after stage {i} ({s['name']})", s["perplexity"], s.get("unseen_perplexity"))
+             for i, s in enumerate(report.get("stages", []))]
     return rows
 
 
 def perplexity_table(report: dict) -> str:
+    """Perplexity and its ratio to the teacher's at every point: on eval.text's held-out split, and on the domain
+    no stage trained on (``unseen``) when the run measured one."""
     teacher = report["perplexity"]["teacher"]
-    lines = ["| model | held-out perplexity | ratio to teacher |", "|---|---:|---:|"]
-    for name, value in perplexity_rows(report):
-        lines.append(f"| {name} | {value:.2f} | {value / teacher:.2f}× |")
+    unseen = report.get("unseen")
+    if not unseen:
+        lines = ["| model | held-out perplexity | ratio to teacher |", "|---|---:|---:|"]
+        for name, value, _ in perplexity_rows(report):
+            lines.append(f"| {name} | {value:.2f} | {value / teacher:.2f}× |")
+        return "\n".join(lines)
+    other = unseen["perplexity"]["teacher"]
+    lines = [f"| model | {report.get('eval_text', 'held-out text')} (trained on) | ratio | {unseen['text']} (unseen) "
+             "| ratio |", "|---|---:|---:|---:|---:|"]
+    for name, value, value_unseen in perplexity_rows(report):
+        cells = ["–", "–"] if value_unseen is None else [f"{value_unseen:.2f}", f"{value_unseen / other:.2f}×"]
+        lines.append(f"| {name} | {value:.2f} | {value / teacher:.2f}× | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def position_loss_section(report: dict) -> str:
+    """Mean loss by position, teacher beside student, per log-spaced bin of positions ("" when not measured)."""
+    curve = report.get("position_loss")
+    if not curve:
+        return ""
+    lines = [f"Held-out windows of up to {curve['seq_len']:,} tokens; a position p predicts token p + 1 from p + 1 "
+             "tokens of context; mean next-token loss (nats) per bin of positions.", "",
+             "| positions | tokens | teacher | student | student − teacher |", "|---|---:|---:|---:|---:|"]
+    for (lo, hi), n, t, s in zip(curve["bins"], curve["tokens"], curve["teacher"], curve["student"]):
+        where = f"{lo:,}" if hi == lo + 1 else f"{lo:,}–{hi - 1:,}"
+        lines.append(f"| {where} | {n:,} | {t:.3f} | {s:.3f} | {s - t:+.3f} |")
+    return "\n".join(lines) + "\n\n![loss by position](position_loss.png)"
+
+
+def plot_position_loss(curve: dict, path: Path) -> None:
+    """Mean loss against position (log scale), teacher and student: where the student stops using context."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    middles = [(lo + hi - 1) / 2 + 1 for lo, hi in curve["bins"]]   # 1-based, so that position 0 sits on a log axis
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name in ("teacher", "student"):
+        ax.plot(middles, curve[name], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens of context (position + 1)")
+    ax.set_ylabel("mean next-token loss (nats)")
+    ax.set_title("loss by position")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def tasks_table(report: dict) -> str:
@@ -211,13 +260,19 @@ def render(report: dict) -> str:
              ]
     if report.get("teacher_untrained"):
         parts.append("**The teacher is untrained (random weights): these figures only show that the pipeline runs.**")
-    parts += ["## Perplexity", f"Held-out text, {report['perplexity_tokens']:,} tokens.", perplexity_table(report)]
+    unseen = report.get("unseen")
+    parts += ["## Perplexity", f"Held-out text, {report['perplexity_tokens']:,} tokens"
+              + (f"; and {unseen['tokens']:,} held-out tokens of `{unseen['text']}`, a domain no stage trained on."
+                 if unseen else "."), perplexity_table(report)]
     table = budget_curve_table(report)
     if table:
         parts += ["## Quality vs attention kept", table]
     ablation = ablation_section(report)
     if ablation:
         parts += ["## What the recurrence adds", ablation]
+    section = position_loss_section(report)
+    if section:
+        parts += ["## Loss by position", section]
     table = tasks_table(report)
     if table:
         parts += ["## lm-eval tasks", "Headline metric per task (± standard error). Averages hide what is lost: "

@@ -17,8 +17,11 @@ REPO = Path(__file__).parent.parent
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     env = {**os.environ, "RNNIFY_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
+    unseen = tmp / "unseen.txt"   # a second domain no stage trains on: English prose, not Python's documentation
+    unseen.write_text("\n\n".join(" ".join(f"The {w} of the river rose {i} feet before the town woke." for w in
+                                             ("water", "level", "edge", "noise")) for i in range(200)))
     res = subprocess.run([sys.executable, "-m", "convert", "run", str(REPO / "tests/recipes/tiny.yaml"),
-                          f"output_dir={tmp / 'out'}", "eval.max_tokens=2048",
+                          f"output_dir={tmp / 'out'}", "eval.max_tokens=2048", f"eval.unseen_text={unseen}",
                           "eval.tasks=[{name: piqa_offline, limit: 8}, {name: lambada_openai_offline, limit: 8}]",
                           "eval.speed={lengths: [32, 256], new_tokens: 4}",
                           "eval.recall={lengths: [96, 160], depths: [0.5], trials: 1}"],
@@ -63,6 +66,26 @@ def test_run_trains_the_recipe_stages_and_reports_each(run_dir):
     assert "evaluation after it, peak" in (out / "REPORT.md").read_text()
     assert "after stage 0" in res.stdout and "after stage 1" in res.stdout
     assert (out / "stages" / "1-distill" / "loss.png").is_file()
+
+
+def test_run_judges_a_second_domain_and_the_loss_by_position(run_dir):
+    """Every point is scored on a text no stage trained on beside eval.text; teacher and final student get the
+    mean loss by position out to eval.position_loss.seq_len, in the report, REPORT.md and a plot."""
+    out, _ = run_dir
+    report = json.loads((out / "report.json").read_text())
+    unseen = report["unseen"]
+    assert unseen["text"].endswith("unseen.txt") and unseen["tokens"] > 0
+    assert set(unseen["perplexity"]) == {"teacher", "student_after_init", "student"}
+    assert all(math.isfinite(v) and v > 1 for v in unseen["perplexity"].values())
+    assert unseen["perplexity"]["student"] == report["stages"][-1]["unseen_perplexity"]
+    assert unseen["perplexity"]["teacher"] != report["perplexity"]["teacher"]   # another text, scored apart
+    curve = report["position_loss"]
+    assert curve["seq_len"] == 512 and curve["bins"][0] == [0, 1] and 256 < curve["bins"][-1][1] <= 511
+    assert len(curve["teacher"]) == len(curve["student"]) == len(curve["bins"]) == len(curve["tokens"])
+    assert all(math.isfinite(x) for x in curve["teacher"] + curve["student"])
+    text = (out / "REPORT.md").read_text()
+    assert "## Loss by position" in text and (out / "position_loss.png").stat().st_size > 1000
+    assert f"{unseen['perplexity']['student']:.2f}" in text and "(unseen)" in text
 
 
 def test_run_reports_the_student_with_its_recurrent_part_off(run_dir):
@@ -414,3 +437,32 @@ def test_perplexity_applies_the_lm_head_per_chunk_and_equals_the_full_logits(whi
         model.get_output_embeddings().register_forward_hook(lambda *a: pytest.fail("whole logits computed"))
     monkeypatch.setattr(ppl, "LOGITS_CHUNK_BYTES", 4 * 97 * 3)   # 3 positions per chunk: chunks span rows
     assert ppl.perplexity(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_by_position_bins_each_positions_nll():
+    """Mean NLL per log-spaced bin of positions equals the per-position NLL of the full logits, averaged over the
+    windows that reach that position; bins weighted by their tokens give back the perplexity."""
+    from conftest import make_teacher
+    from eval.perplexity import loss_by_position, perplexity, position_bins
+
+    assert position_bins(1) == [(0, 1)]
+    assert position_bins(9) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 9)]
+    model = make_teacher("llama")
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 97, (n,), generator=g) for n in (17, 11, 17, 6)]
+    nll = torch.zeros(16, dtype=torch.float64)
+    count = torch.zeros(16, dtype=torch.float64)
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=w[None]).logits[0].double()
+            per = torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="none")
+            nll[:len(per)] += per
+            count[:len(per)] += 1
+    curve = loss_by_position(model, windows, batch_size=3)
+    assert curve["bins"] == [[0, 1], [1, 2], [2, 4], [4, 8], [8, 16]]
+    for (lo, hi), loss, tokens in zip(curve["bins"], curve["loss"], curve["tokens"]):
+        assert tokens == count[lo:hi].sum()
+        assert loss == pytest.approx((nll[lo:hi].sum() / count[lo:hi].sum()).item(), rel=1e-6)
+    mean = sum(l * n for l, n in zip(curve["loss"], curve["tokens"])) / sum(curve["tokens"])
+    assert math.exp(mean) == pytest.approx(perplexity(model, windows, batch_size=3), rel=1e-9)
+

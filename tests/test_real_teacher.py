@@ -53,13 +53,16 @@ def test_quickstart_runs_with_no_network(prepared, tmp_path):
                           f"output_dir={tmp_path}", "eval.max_tokens=512", "eval.seq_len=512",
                           "stages=[{name: attention_transfer, tokens: 2048, seq_len: 256, batch_size: 4, eval_rows: 2}]",
                           "eval.tasks=[{name: piqa_offline, limit: 4}]", "eval.speed={lengths: [64, 128], new_tokens: 2}",
-                          "eval.recall={lengths: [128], depths: [0.5], trials: 1}"],
+                          "eval.recall={lengths: [128], depths: [0.5], trials: 1}",
+                          "eval.position_loss={seq_len: 256, max_tokens: 512}"],
                          capture_output=True, text=True, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["teacher_untrained"] is False and report["perplexity_tokens"] == 512
     # a real language model: far below a unigram model of this text (hundreds) and below 60 here
     assert 5 < report["perplexity"]["teacher"] < 60
+    assert report["unseen"]["text"] == "builtin:python-docs"   # auto: the quickstart trains on prose
+    assert 2 < report["unseen"]["perplexity"]["teacher"] < 60
     ppl = report["perplexity"]
     assert ppl["student_after_init"] > ppl["teacher"]          # untrained mixers lose quality
     assert report["stages"][0]["name"] == "attention_transfer" and report["stages"][0]["tokens"] == 2048

@@ -504,3 +504,35 @@ def test_budget_curve_cannot_give_back_more_layers_than_were_converted(tmp_path)
     with pytest.raises(RecipeError, match=r"r.yaml: budget_curve.keep: 3 layers cannot get attention back: "
                                           r"only 2 are converted"):
         check_against_teacher(recipe, make_teacher("llama").config, "r.yaml")
+
+
+def test_unseen_text_is_a_domain_no_stage_trains_on(tmp_path):
+    """auto picks the builtin corpus nothing trains on; a named one that a stage trains on, or eval.text itself, is
+    refused naming the field; null turns it off; a named local file is checked by validate like eval.text."""
+    from rnnify.pipeline import validate
+    stage = {"name": "attention_transfer", "data": "builtin:prose", "tokens": 1024, "seq_len": 64}
+    prose = with_({"eval.text": "builtin:prose", "stages": [stage]})
+    assert load_recipe(write(tmp_path, prose))[0].unseen_text().source == "builtin:python-docs"
+    docs = with_({"stages": [{**stage, "data": "builtin:python-docs"}]})   # eval.text is python-docs too
+    assert load_recipe(write(tmp_path, docs))[0].unseen_text().source == "builtin:prose"
+    both = with_({"eval.text": "builtin:prose", "stages": [{**stage, "data": "builtin:python-docs"}]})
+    assert load_recipe(write(tmp_path, both))[0].unseen_text() is None   # nothing builtin left unseen
+    assert load_recipe(write(tmp_path, prose), ["eval.unseen_text=null"])[0].unseen_text() is None
+    assert ("eval.unseen_text: stages[0] trains on builtin:prose; name a text no stage trains on"
+            in error_of(tmp_path, prose, ["eval.unseen_text=builtin:prose"]))
+    assert ("eval.unseen_text: builtin:python-docs is eval.text already; name a second domain"
+            in error_of(tmp_path, BASE, ["eval.unseen_text=builtin:python-docs"]))
+    with pytest.raises(RecipeError, match=r"eval.unseen_text: nope.txt: no such file or folder"):
+        validate(str(write(tmp_path, with_({"eval.unseen_text": "nope.txt"}))))
+    (tmp_path / "notes.txt").write_text("Some other text entirely.\n")
+    assert validate(str(write(tmp_path, with_({"eval.unseen_text": "notes.txt"}))))[0].unseen_text().source \
+        == "notes.txt"
+
+
+def test_position_loss_section_is_checked(tmp_path):
+    recipe, _ = load_recipe(write(tmp_path, BASE))
+    assert (recipe.eval.position_loss.seq_len, recipe.eval.position_loss.max_tokens) == (4096, 8192)
+    assert "eval.position_loss.seq_len: Input should be greater than 1" in error_of(
+        tmp_path, BASE, ["eval.position_loss={seq_len: 1}"])
+    assert load_recipe(write(tmp_path, BASE), ["eval.position_loss=null"])[0].eval.position_loss is None
+

@@ -50,6 +50,7 @@ def overrides(out: Path, corpus: Path, per_process_batch: int) -> list[str]:
             "eval.text=builtin:python-docs", "eval.seq_len=64", "eval.max_tokens=512", "eval.batch_size=2",
             "eval.tasks=[{name: lambada_openai_offline, limit: 4}]", "eval.tasks_batch_size=4", "eval.tasks_at=[student]",
             "eval.speed={lengths: [32], new_tokens: 2}", "eval.recall={lengths: [96], depths: [0.5], trials: 1}",
+            "eval.unseen_text=null", "eval.position_loss={seq_len: 128, max_tokens: 256}",
             *(f"stages.0.{kv}" for kv in stage), "stages.0.tokens=2048",
             *(f"stages.1.{kv}" for kv in stage), "stages.1.tokens=1024"]
 

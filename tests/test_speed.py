@@ -120,6 +120,12 @@ def test_decode_profile_splits_a_token_into_module_kinds_for_teacher_and_student
     assert "| model | total | token mixer | MLP | norms | LM head | rest | tokens/s | × teacher |" in table
     assert table.count("\n| teacher |") == 1 and table.count("\n| student |") == 1
     assert table.splitlines()[-2].endswith("| 1.00× |")
+    prefill = {name: profile_decode(model, 12, 6, repeats=2, prefill=True)
+               for name, model in (("teacher", teacher), ("student", student))}
+    for r in prefill.values():   # the prefill's parts: every kind runs once per layer over the whole prompt
+        assert r["total"] > 0 and r["token mixer"] > 0 and r["MLP"] > 0 and r["rest"] > -0.5 * r["total"]
+    table = markdown(prefill, 12, 6, prefill=True)
+    assert table.startswith("prefill of 12 tokens, ms") and "| prompt tokens/s |" in table
 
 
 def test_decode_profile_pytorch_step_copy_decodes_without_the_fused_step(monkeypatch):

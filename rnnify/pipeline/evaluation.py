@@ -113,9 +113,11 @@ class Evaluation:
     """
 
     def __init__(self, section: EvalSection, seed: int, tokenizer, windows: list, out: Path, main: bool,
-                 load_teacher_model, key: dict | None = None):
+                 load_teacher_model, key: dict | None = None, unseen: tuple[str, list] | None = None,
+                 position_windows: list | None = None):
         self.section, self.seed, self.tokenizer, self.windows, self.out = section, seed, tokenizer, windows, out
         self.main, self.key, self.load_teacher_model = main, key, load_teacher_model
+        self.unseen, self.position_windows = unseen, position_windows   # (source, windows) of the second domain
 
     def _cached(self, name: str, evaluate):
         return evaluate() if self.key is None else cached_evaluation(self.out, name, self.key, self.main, evaluate)
@@ -124,6 +126,23 @@ class Evaluation:
         """Held-out perplexity (cached as ``name`` when one is given)."""
         measure = partial(perplexity, model, self.windows, self.section.batch_size)
         return measure() if name is None else self._cached(name, measure)
+
+    def unseen_perplexity(self, model, name: str | None = None) -> float | None:
+        """Perplexity on the second domain, which no stage trains on (None without one; cached as
+        ``unseen_<name>``)."""
+        if self.unseen is None:
+            return None
+        measure = partial(perplexity, model, self.unseen[1], self.section.batch_size)
+        return measure() if name is None else self._cached(f"unseen_{name}", measure)
+
+    def position_loss(self, model, name: str | None = None) -> dict | None:
+        """Mean loss by position on ``eval.position_loss``'s long windows (main process; None elsewhere or when
+        off; cached as ``position_loss_<name>``)."""
+        if self.position_windows is None or not self.main:
+            return None
+        from eval.perplexity import loss_by_position
+        measure = partial(loss_by_position, model, self.position_windows, self.section.position_loss.batch_size)
+        return measure() if name is None else self._cached(f"position_loss_{name}", measure)
 
     def tasks(self, model, point: str, saved_path: str | None = None, cached: bool = True) -> dict:
         """lm-eval at ``point`` (cached as ``tasks_<point>``); {} in the other processes."""
@@ -141,7 +160,7 @@ class Evaluation:
         stage and it names the student: ``saved_path`` is where that student will be saved); its own peak memory
         (``eval_peak_memory_gb``)."""
         with own_peak(student) as peak:
-            point = {"perplexity": self.perplexity(student)}
+            point = {"perplexity": self.perplexity(student), "unseen_perplexity": self.unseen_perplexity(student)}
             if "stages" in self.section.tasks_at or (last and "student" in self.section.tasks_at):
                 point["tasks"] = self.tasks(student, f"after_stage_{i}", saved_path if last else None, cached=False)
         return {**point, "eval_peak_memory_gb": peak["gb"]}
@@ -150,7 +169,9 @@ class Evaluation:
         """The teacher's point: perplexity, tasks (if ``tasks_at`` names it) and passkey (speed: at ``final``), and
         its own peak memory (``peak_memory_gb``: what was measured in this run; a reused result costs nothing)."""
         with own_peak(teacher) as peak:
-            point = {"perplexity": self.perplexity(teacher, "teacher"), "tasks": None, "recall": None}
+            point = {"perplexity": self.perplexity(teacher, "teacher"),
+                     "unseen_perplexity": self.unseen_perplexity(teacher, "teacher"),
+                     "position_loss": self.position_loss(teacher, "teacher"), "tasks": None, "recall": None}
             if "teacher" in self.section.tasks_at:
                 point["tasks"] = self.tasks(teacher, "teacher", location)
             if self.section.recall:
@@ -184,4 +205,13 @@ class Evaluation:
                 plot(speed, self.out / "speed.png")
             if recall is not None and "student" not in recall:   # the budget curve may have measured it already
                 recall["student"] = self.recall(student)
-        return {"component_ablation": ablation, "tasks": tasks, "speed": speed, "recall": recall}
+        position = None
+        if teacher_point.get("position_loss") is not None:
+            student_curve = self.position_loss(student)
+            position = {"seq_len": self.section.position_loss.seq_len, "bins": student_curve["bins"],
+                        "tokens": student_curve["tokens"], "teacher": teacher_point["position_loss"]["loss"],
+                        "student": student_curve["loss"]}
+            from eval.report import plot_position_loss
+            plot_position_loss(position, self.out / "position_loss.png")
+        return {"component_ablation": ablation, "tasks": tasks, "speed": speed, "recall": recall,
+                "position_loss": position}

@@ -10,8 +10,8 @@ import torch
 from convert.teachers import TeacherError, prepare_teacher
 from distill.data import BudgetError, DataError, check_documents, document_windows, load_documents, packed_rows
 
-from ..recipe import EvalSection, Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, located, \
-    resolve_path
+from ..recipe import UNSEEN_AUTO, EvalSection, Recipe, RecipeError, TextSource, check_against_teacher, load_recipe, \
+    located, resolve_path
 
 # Evaluation under several processes: held-out perplexity splits its windows across them.  lm-eval (it does not
 # split the requests of an in-memory model), speed (one stream by definition) and passkey run in the main process;
@@ -108,6 +108,23 @@ def heldout_windows(recipe: Recipe, tokenizer) -> list:
                             tokenizer=tokenizer)
 
 
+def unseen_windows(recipe: Recipe, tokenizer) -> tuple[str, list] | None:
+    """(source, windows) of the second domain (``Recipe.unseen_text``), cut like eval.text's; None without one."""
+    text = recipe.unseen_text()
+    if text is None:
+        return None
+    docs = load_text(recipe, text, "eval.unseen_text", builtin_split="heldout", hub_split="test")
+    return text.source, document_windows(docs, recipe.eval.seq_len, recipe.eval.max_tokens, tokenizer=tokenizer)
+
+
+def position_windows(recipe: Recipe, tokenizer) -> list | None:
+    """Held-out windows of eval.text of ``eval.position_loss.seq_len`` tokens (None when it is off)."""
+    spec = recipe.eval.position_loss
+    if spec is None:
+        return None
+    return document_windows(heldout_documents(recipe), spec.seq_len, spec.max_tokens, tokenizer=tokenizer)
+
+
 def check_trackers(trackers: list[str]) -> None:
     for i, name in enumerate(trackers):
         if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
@@ -157,6 +174,10 @@ def validate(recipe_path: str, overrides: list[str] = ()):
         config = load_teacher_config(location)
         layers = check_against_teacher(recipe, config)
         heldout_documents(recipe, check_only=True)
+        if recipe.eval.unseen_text is not None and recipe.eval.unseen_text.source != UNSEEN_AUTO:
+            # (auto picks a builtin corpus, which exists: checking it here could mean a download)
+            load_text(recipe, recipe.eval.unseen_text, "eval.unseen_text", builtin_split="heldout", hub_split="test",
+                      check_only=True)
         check_trackers(recipe.trackers)
         check_tasks(recipe.eval)
         for i, stage in enumerate(recipe.stages):

@@ -19,8 +19,8 @@ from ..recipe import RecipeError, load_recipe, located, recipe_hash
 from ..store import write_json_atomically
 from .budget_curve import run_budget_curve
 from .evaluation import Evaluation
-from .inputs import all_stage_rows, check_tasks, heldout_windows, is_hub_dataset, load_teacher, process_state, \
-    resolve_device, validate
+from .inputs import all_stage_rows, check_tasks, heldout_windows, is_hub_dataset, load_teacher, position_windows, \
+    process_state, resolve_device, unseen_windows, validate
 from .training import build_student, conversion_fingerprint, run_stages
 
 log = logging.getLogger("rnnify.pipeline")
@@ -82,6 +82,7 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
     # every stage's rows before any weights load: a budget the data cannot fill stops the run here
     all_rows = all_stage_rows(recipe, tokenizer)
     windows = heldout_windows(recipe, tokenizer)
+    unseen, long_windows = unseen_windows(recipe, tokenizer), position_windows(recipe, tokenizer)
     timings["data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     teacher = load_teacher(location, recipe.dtype, device)
@@ -96,10 +97,13 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
     key = conversion_fingerprint(recipe, location, layers, calibrated)
     evaluation = Evaluation(recipe.eval, recipe.seed, tokenizer, windows, out, main,
                             partial(load_teacher, location, recipe.dtype, device),
-                            key={"conversion": key, "eval": recipe.eval.model_dump(mode="json")})
+                            key={"conversion": key, "eval": recipe.eval.model_dump(mode="json")}, unseen=unseen,
+                            position_windows=long_windows)
     teacher_point = evaluation.teacher(teacher, location)
     ppl = {"teacher": teacher_point["perplexity"],
            "student_after_init": evaluation.perplexity(student, "student_after_init")}
+    unseen_ppl = {"teacher": teacher_point["unseen_perplexity"],
+                  "student_after_init": evaluation.unseen_perplexity(student, "student_after_init")}
     tasks = {}
     if "after_init" in recipe.eval.tasks_at:
         tasks["student_after_init"] = evaluation.tasks(student, "student_after_init")
@@ -110,6 +114,7 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
     student, stages, layers, curve_start = run_stages(recipe, student, all_rows, key, layers, evaluation, device,
                                                       timings)
     ppl["student"] = stages[-1]["perplexity"] if stages else ppl["student_after_init"]
+    unseen_ppl["student"] = stages[-1].get("unseen_perplexity") if stages else unseen_ppl["student_after_init"]
     student_tasks = None
     if "student" in recipe.eval.tasks_at and main:
         student_tasks = stages[-1].get("tasks", {}) if stages else evaluation.tasks(student, "student_after_init")
@@ -145,6 +150,8 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
     report = {
         "perplexity": ppl,
         "perplexity_tokens": sum(len(w) for w in windows),
+        "eval_text": recipe.eval.text.source,
+        "unseen": unseen and {"text": unseen[0], "tokens": sum(len(w) for w in unseen[1]), "perplexity": unseen_ppl},
         "teacher": recipe.teacher,
         "teacher_path": location,
         "teacher_untrained": bool(info.get("untrained", False)),
@@ -194,8 +201,10 @@ def _evaluate_saved(recipe_path: str, overrides: list[str]) -> dict:
     device = resolve_device(recipe.device)
     tokenizer = AutoTokenizer.from_pretrained(location)
     windows = heldout_windows(recipe, tokenizer)
+    unseen = unseen_windows(recipe, tokenizer)
     load = partial(load_teacher, location, recipe.dtype, device)
-    evaluation = Evaluation(recipe.eval, recipe.seed, tokenizer, windows, out, True, load)   # no key: measured again
+    evaluation = Evaluation(recipe.eval, recipe.seed, tokenizer, windows, out, True, load,   # no key: measured again
+                            unseen=unseen, position_windows=position_windows(recipe, tokenizer))
     teacher_point = evaluation.teacher(load(), location)
     student = AutoModelForCausalLM.from_pretrained(out / "student", dtype=getattr(torch, recipe.dtype),
                                                    trust_remote_code=True)
@@ -203,6 +212,11 @@ def _evaluate_saved(recipe_path: str, overrides: list[str]) -> dict:
     report["perplexity"]["teacher"] = teacher_point["perplexity"]
     report["perplexity"]["student"] = evaluation.perplexity(student, "student")
     report["perplexity_tokens"] = sum(len(w) for w in windows)
+    report["eval_text"] = recipe.eval.text.source
+    report["unseen"] = unseen and {
+        "text": unseen[0], "tokens": sum(len(w) for w in unseen[1]),
+        "perplexity": {"teacher": teacher_point["unseen_perplexity"],
+                       "student": evaluation.unseen_perplexity(student, "student")}}
     student_tasks = None
     if "student" in recipe.eval.tasks_at:
         student_tasks = evaluation.tasks(student, "student", str((out / "student").resolve()))

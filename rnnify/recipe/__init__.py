@@ -10,10 +10,10 @@ from .base import REPO_ROOT, RecipeError, Strict, TextSource, located
 from .loading import load_recipe, recipe_hash, resolve_path
 from .mixers import options_model
 from .schema import Recipe, recipe_model
-from .sections import (EVAL_POINTS, AutoKeep, BudgetCurve, ConvertSection, EvalSection, EveryNth, TaskSpec,
+from .sections import (EVAL_POINTS, UNSEEN_AUTO, AutoKeep, BudgetCurve, ConvertSection, EvalSection, EveryNth, TaskSpec,
                        expand_layers)
 from .teacher_check import check_against_teacher
 
 __all__ = ["REPO_ROOT", "RecipeError", "located", "Strict", "TextSource", "load_recipe", "recipe_hash", "resolve_path",
            "options_model", "Recipe", "recipe_model", "EVAL_POINTS", "AutoKeep", "BudgetCurve", "ConvertSection",
-           "EvalSection", "EveryNth", "TaskSpec", "expand_layers", "check_against_teacher"]
+           "EvalSection", "EveryNth", "TaskSpec", "expand_layers", "check_against_teacher", "UNSEEN_AUTO"]

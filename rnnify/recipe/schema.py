@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from .base import Strict
-from .sections import AutoKeep, BudgetCurve, ConvertSection, EvalSection, TeacherExpectation
+from .base import Strict, TextSource
+from .sections import UNSEEN_AUTO, AutoKeep, BudgetCurve, ConvertSection, EvalSection, TeacherExpectation
 
 DEFAULT_MIXER = "hedgehog"
 
@@ -67,6 +67,28 @@ class Recipe(Strict):
                 raise ValueError("convert.keep_attention: {auto: K} ranks layers on held-out rows: "
                                  "stages[0].eval_rows must be at least 1")
         return self
+
+    @model_validator(mode="after")
+    def _unseen_text_is_unseen(self):
+        unseen = self.eval.unseen_text
+        if unseen is None or unseen.source == UNSEEN_AUTO:
+            return self
+        for i, stage in enumerate(self.stages):
+            if stage.data.source == unseen.source:
+                raise ValueError(f"eval.unseen_text: stages[{i}] trains on {unseen.source}; name a text no stage "
+                                 "trains on (or auto, or null for none)")
+        if unseen.source == self.eval.text.source:
+            raise ValueError(f"eval.unseen_text: {unseen.source} is eval.text already; name a second domain")
+        return self
+
+    def unseen_text(self) -> TextSource | None:
+        """``eval.unseen_text`` with ``auto`` resolved: builtin:python-docs, or builtin:prose when a stage trains on
+        python-docs (or eval.text is it); None when both are seen."""
+        unseen = self.eval.unseen_text
+        if unseen is None or unseen.source != UNSEEN_AUTO:
+            return unseen
+        seen = {st.data.source for st in self.stages} | {self.eval.text.source}
+        return next((TextSource(source=s) for s in ("builtin:python-docs", "builtin:prose") if s not in seen), None)
 
     @field_validator("device")
     @classmethod

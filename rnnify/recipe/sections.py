@@ -172,12 +172,25 @@ class RecallSection(Strict):
     trials: Annotated[int, Field(gt=0, description="prompts per (length, depth)")] = 2
 
 
+class PositionLossSection(Strict):
+    """Mean loss by token position (log-spaced bins), teacher and final student, on held-out windows longer than
+    the training rows: whether the student keeps using context beyond its windows."""
+    seq_len: Annotated[int, Field(gt=1, description="window length: the longest position measured")] = 4096
+    max_tokens: Annotated[int, Field(gt=1, description="held-out tokens in all")] = 8192
+    batch_size: Annotated[int, Field(gt=0)] = 1
+
+
 EVAL_POINTS = ("teacher", "after_init", "stages", "student")
+UNSEEN_AUTO = "auto"
 
 
 class EvalSection(Strict):
     text: TextSource = Field(TextSource(source="builtin:prose"),
                              description="held-out text (default split: heldout for builtin, test for the Hub)")
+    unseen_text: TextSource | None = Field(
+        TextSource(source=UNSEEN_AUTO),
+        description="a second held-out text from a domain no stage trains on, scored like eval.text at every point; "
+                    "auto: builtin:python-docs, or builtin:prose when a stage trains on python-docs; null: none")
     seq_len: Annotated[int, Field(gt=1)] = 256
     max_tokens: Annotated[int, Field(gt=0)] = 16384
     batch_size: Annotated[int, Field(gt=0)] = 4
@@ -193,6 +206,9 @@ class EvalSection(Strict):
                                        description="speed/memory against context length (null: skipped)")
     recall: RecallSection | None = Field(default_factory=RecallSection,
                                          description="passkey retrieval against context length (null: skipped)")
+    position_loss: PositionLossSection | None = Field(
+        default_factory=PositionLossSection,
+        description="mean loss by token position, teacher and final student (null: skipped)")
 
 
 class BudgetCurve(Strict):
