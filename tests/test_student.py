@@ -90,7 +90,7 @@ def test_save_load_round_trip_in_fresh_process_without_rnnify(tmp_path, tokenize
     fresh interpreter that has neither rnnify's kernels nor its converter: same logits, same greedy tokens, and
     each says once which ops it runs."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    mixers = {"hedgehog-window": {"type": "hedgehog", "window": 4},
+    mixers = {"hedgehog-window": {"type": "hedgehog", "window": 24},   # > the 17-token prompt: its prefill runs an op
               "gated_deltanet-conv-gate": {"type": "gated_deltanet"}}
     ids = torch.tensor([tokenizer("The if statement is used for")["input_ids"]])
     folders, refs = {}, {}
@@ -304,17 +304,31 @@ def test_attention_window_bounds_kept_layers_and_matches_its_own_cache(mixer):
     assert out.past_key_values.layers[1].keys.shape[-2] <= 6 + 1   # at most its window (+ the sink's slot)
 
 
-@pytest.mark.parametrize("T, W, H, Hkv", [(19, 6, 4, 2), (24, 6, 2, 2), (7, 6, 3, 1)])
-def test_blocked_window_attention_equals_the_dense_sliding_mask(T, W, H, Hkv):
+@pytest.mark.parametrize("T, W, H, Hkv, query_block", [(19, 6, 4, 2, 64), (24, 6, 2, 2, 64), (7, 6, 3, 1, 64),
+                                                       (19, 6, 4, 2, 4), (23, 8, 2, 1, 3), (6, 6, 2, 2, 4)])
+@pytest.mark.parametrize("sink", [False, True])
+def test_blocked_window_attention_equals_the_dense_sliding_mask(T, W, H, Hkv, query_block, sink, monkeypatch):
+    """Blocks of Q queries (Q below, at and above the window; T within the window: plain causal), with and
+    without the sink, against the dense mask (``sink_attention``, which the student takes when blocks do not
+    apply), values and gradients."""
     import torch.nn.functional as F
 
-    from convert.student.attention_windowed import blocked_window_attention
+    import convert.student.attention_windowed as windowed
+    monkeypatch.setattr(windowed, "QUERY_BLOCK", query_block)
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(2, h, T, d, generator=g, requires_grad=True) for h, d in ((H, 8), (Hkv, 8), (Hkv, 5)))
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
-                                           attn_mask=(j <= i) & (j > i - W), scale=0.3).transpose(1, 2)
-    blocked = blocked_window_attention(q, k, v, W, 0.3)
+    mask = ((j <= i) & (j > i - W))[None, None]
+    if sink:
+        module = torch.nn.Module()
+        module.rnnify_sink_key, module.rnnify_sink_value = torch.randn(Hkv, 8, generator=g), torch.randn(Hkv, 5, generator=g)
+        dense = windowed.sink_attention(module, q, k, v, mask, None, W, 0.3, 0.0)
+        blocked = windowed.blocked_window_attention(q, k, v, W, 0.3, sink=(module.rnnify_sink_key,
+                                                                           module.rnnify_sink_value))
+    else:
+        dense = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
+                                               attn_mask=mask, scale=0.3).transpose(1, 2)
+        blocked = windowed.blocked_window_attention(q, k, v, W, 0.3)
     torch.testing.assert_close(blocked, dense, atol=1e-6, rtol=1e-5)
     grad = torch.randn(dense.shape, generator=g)
     for a, b in zip(torch.autograd.grad((blocked * grad).sum(), (q, k, v)),
@@ -395,6 +409,49 @@ def test_an_exported_student_loaded_beside_rnnifys_own_leaves_both_working(tmp_p
 def sink_student(mixer_layers=(0, 2), window=6):
     return randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 5}, list(mixer_layers),
                                     attention_window=window, attention_sink=True))   # sinks randomized too
+
+
+@pytest.mark.parametrize("T", [6, 11, 23])
+@pytest.mark.parametrize("sink", [False, True])
+def test_hedgehog_prefill_in_blocks_equals_the_scan_and_keeps_the_state_of_the_keys_left_behind(T, sink):
+    """A prompt from an empty state runs window and linear parts in one pass of W-query blocks (prefix sums for
+    the state); the same sums through the shifted scan (the packed path, one document per row), left padding
+    included: outputs and gradients, and the state handed to the cache is Σ φ(k_j)ᵀ[v_j, 1] over j ≤ T − W."""
+    from transformers.cache_utils import DynamicCache
+
+    from convert.student.mixer_registry import PackedSequences
+    student = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 5, "sink": sink},
+                                       [0, 2], attention_window=6))
+    mixer = student.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(T)
+    B, H, Hkv, D = 2, mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    q = torch.randn(B, T, H, D, generator=g, requires_grad=True)
+    k = torch.randn(B, T, Hkv, D, generator=g, requires_grad=True)
+    v = torch.randn(B, T, Hkv, D, generator=g, requires_grad=True)
+    valid = torch.ones(B, T)
+    valid[1, :3] = 0   # left padding
+
+    def run(packed=None, cache=None):
+        v1 = mixer.with_normaliser(v, valid)
+        return mixer._mix_windowed(q, k, v1, mixer.feature_map(q, mixer.feature_q), cache, packed)
+
+    blocks = run()
+    scan = run(packed=PackedSequences(torch.zeros(B, T, dtype=torch.long)))
+    torch.testing.assert_close(blocks, scan, atol=1e-5, rtol=1e-4)
+    grad = torch.randn(blocks.shape, generator=g)
+    params = [q, k, v, mixer.feature_q, mixer.feature_k, mixer.window_factor]
+    params += [mixer.rnnify_sink_key, mixer.rnnify_sink_value] if sink else []
+    for a, b in zip(torch.autograd.grad((blocks * grad).sum(), params),
+                    torch.autograd.grad((scan * grad).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    cache = DynamicCache(config=student.config)
+    with torch.no_grad():
+        run(cache=cache)
+        left = max(T - mixer.window + 1, 0)   # keys that have left the window
+        phi_k = mixer.feature_map(mixer.expand(k), mixer.feature_k)[:, :left]
+        v1 = mixer.expand(mixer.with_normaliser(v, valid))[:, :left]
+        expected = torch.einsum("bthf,bthv->bhfv", phi_k, v1)
+    torch.testing.assert_close(mixer.read_state(cache), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_attention_sink_is_seen_past_the_window_only_and_matches_its_own_cache():

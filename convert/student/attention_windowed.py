@@ -1,8 +1,8 @@
 """Kept softmax layers over their last W tokens (``config.attention_window``), computed in blocks at prefill.
 
 A dense sliding mask makes a T-token prefill cost O(T²) however small W is.  Cut the queries into blocks
-of W: block b's queries can only see keys of blocks b-1 and b, so each block attends to 2W keys under
-one fixed [W, 2W] mask, and the whole prefill costs O(T·W).  The kept attention modules dispatch through
+of Q: block b's queries can only see the W + Q keys before its end, under one fixed mask, and the whole
+prefill costs O(T·(W + Q)); a prompt no longer than the window is plain causal attention.  The kept attention modules dispatch through
 ``WINDOWED_IMPLEMENTATION`` (registered with transformers' ``AttentionInterface``): it takes the blocked
 path when the student hands it a ``BlockedWindow`` instead of a mask, and otherwise calls the model's own
 implementation (sdpa, eager, flash) with ``sliding_window`` set, which flash kernels need.
@@ -45,35 +45,45 @@ class BlockedWindow:
         self.window = window
 
 
+# the model's own attention implementations that blocks replace (others, flash kernels, take the window natively)
+BLOCKED_BASES = ("sdpa", "eager")
+QUERY_BLOCK = 64   # queries per block: each block reads W + QUERY_BLOCK keys, so smaller blocks waste fewer
+
+
 def blocked_window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int,
                              scaling: float | None = None, dropout: float = 0.0,
                              sink: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] -> o [B, T, H, Dv];
     o_i = softmax_{i-W < j <= i}(scaling · q_i·k_j) v_j (Hkv divides H: grouped-query heads).
-    With ``sink`` = (k_s [Hkv, D], v_s [Hkv, Dv]), queries i >= W also attend to k_s/v_s (see module doc)."""
+    With ``sink`` = (k_s [Hkv, D], v_s [Hkv, Dv]), queries i >= W also attend to k_s/v_s (see module doc).
+    T <= W is plain causal attention (the teacher's own kernel, no mask); longer prompts go in blocks of
+    ``QUERY_BLOCK`` queries, block b over keys bQ - W .. bQ + Q - 1 under one mask: O(T·(W + Q))."""
     B, H, T, _ = query.shape
     W = window
-    blocks = -(-T // W)
-    pad = blocks * W - T
+    gqa = H != key.shape[1]
+    if T <= W:   # no key has left the window, no query sees the sink
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2)
+    Q = min(W, QUERY_BLOCK)
+    blocks = -(-T // Q)
+    pad = blocks * Q - T
 
-    def key_blocks(x):   # [B, Hkv, T, D] -> [B·blocks, Hkv, 2W, D]: block b-1 then block b (zeros before b = 0)
-        x = F.pad(x, (0, 0, W, pad)).unflatten(2, (blocks + 1, W))
-        return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3).transpose(1, 2).flatten(0, 1)
+    def key_blocks(x):   # [B, Hkv, T, D] -> [B·blocks, Hkv, W + Q, D]: positions bQ - W .. bQ + Q - 1
+        return F.pad(x, (0, 0, W, pad)).unfold(2, W + Q, Q).permute(0, 2, 1, 4, 3).flatten(0, 1)
 
-    q = F.pad(query, (0, 0, 0, pad)).unflatten(2, (blocks, W)).transpose(1, 2).flatten(0, 1)   # [B·blocks, H, W, D]
-    a = torch.arange(W, device=query.device)[:, None]   # query offset in its block
-    c = torch.arange(2 * W, device=query.device)[None]  # key offset in the 2W keys (W = this block's first)
-    allowed = ((c > a) & (c <= a + W)).expand(blocks, W, 2 * W).clone()
-    allowed[0, :, :W] = False   # block 0 has no previous block
+    q = F.pad(query, (0, 0, 0, pad)).unflatten(2, (blocks, Q)).transpose(1, 2).flatten(0, 1)   # [B·blocks, H, Q, D]
+    a = torch.arange(Q, device=query.device)[:, None]        # query offset in its block
+    c = torch.arange(W + Q, device=query.device)[None]       # key offset: position bQ - W + c
+    start = torch.arange(blocks, device=query.device)[:, None, None] * Q
+    allowed = (c > a) & (c <= a + W) & (start - W + c >= 0)  # t − W < key ≤ t, and no key before the prompt
     keys, values = key_blocks(key), key_blocks(value)
-    if sink is not None:   # one more key per block, seen by queries at position >= W (all but block 0)
+    if sink is not None:   # one more key per block, seen by queries at position >= W
         keys, values = with_sink(keys, values, sink)
-        seen = torch.ones(blocks, W, 1, dtype=torch.bool, device=query.device)
-        seen[0] = False
-        allowed = torch.cat([seen, allowed], dim=-1)
-    mask = allowed[None, :, None].expand(B, -1, -1, -1, -1).flatten(0, 1)   # [B·blocks, 1, W, 2W (+1)]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
-                                         dropout_p=dropout, enable_gqa=H != key.shape[1])
+        allowed = torch.cat([(start + a >= W).expand(blocks, Q, 1), allowed], dim=-1)
+    mask = allowed[None, :, None].expand(B, -1, -1, -1, -1).flatten(0, 1)   # [B·blocks, 1, Q, W + Q (+1)]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, dropout_p=dropout,
+                                         enable_gqa=gqa)
     return out.unflatten(0, (B, blocks)).transpose(2, 3).flatten(1, 2)[:, :T]   # [B, T, H, Dv]
 
 
@@ -231,6 +241,13 @@ def windowed_attention_forward(module, query, key, value, attention_mask, dropou
         else None
     if isinstance(attention_mask, RingMask):
         return ring_attention(module, query, key, value, attention_mask, scaling, sink), None
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    base = ALL_ATTENTION_FUNCTIONS.get_interface(config.rnnify_base_attention, eager)
+    if window:
+        kwargs["sliding_window"] = window
+    if isinstance(attention_mask, BlockedWindow) and sink is None and config.rnnify_base_attention not in BLOCKED_BASES:
+        # flash kernels take the window themselves (causal, from an empty cache: no mask needed)
+        return base(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     if isinstance(attention_mask, BlockedWindow):
         if key.shape[-2] != query.shape[-2]:
             raise RuntimeError(f"blocked window attention needs as many keys as queries (got {key.shape[-2]} keys "
@@ -239,10 +256,6 @@ def windowed_attention_forward(module, query, key, value, attention_mask, dropou
     if sink is not None:
         return sink_attention(module, query, key, value, attention_mask, kwargs.get("position_ids"), window,
                               scaling, dropout), None
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    base = ALL_ATTENTION_FUNCTIONS.get_interface(config.rnnify_base_attention, eager)
-    if window:
-        kwargs["sliding_window"] = window
     return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

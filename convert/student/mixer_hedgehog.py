@@ -186,6 +186,10 @@ class Hedgehog(RingDecoding, Mixer):
         # linear part: keys enter the state once they leave the window (extended position <= t - W)
         state = self.read_state(cache)
         phi_k = self.feature_map(k_ext, self.feature_k)
+        if P == 0 and packed is None and T > W:   # a prompt from an empty state: both parts in one pass of blocks
+            sw, lin, new_state = self._prefill_blocks(q, k_ext, v_ext, phi_q, phi_k, cache is not None)
+            self.write_state(cache, new_state)
+            return self._mixed(sw, lin)
         if packed is not None:
             # shifted sequences as below, restarted at each document; a key enters only its own document's state
             k_sh = torch.nn.functional.pad(phi_k, (0, 0, 0, 0, W, 0))[:, :T]
@@ -215,8 +219,62 @@ class Hedgehog(RingDecoding, Mixer):
             sw = self._window_blocked(q, k_ext, v_ext, packed, past_window)
         else:
             sw = self._window_dense(q, k_ext, v_ext, P, packed, past_window)
+        return self._mixed(sw, lin)
+
+    def _mixed(self, sw, lin):
+        """Window sums sw and linear sums lin [B,T,H,Dv+1] (numerator | denominator) -> o [B,T,H,Dv]."""
         f = torch.sigmoid(self.window_factor.float())[:, None]             # [H,1]
         if self.recurrent_off:   # the ablation: window (and sink) only
             f = torch.ones_like(f)
         mixed = f * sw + (1 - f) * lin
         return mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])
+
+    def _prefill_blocks(self, q, k, v1, phi_q, phi_k, final_state: bool):
+        """Window and linear sums of a prompt from an empty state, in blocks of W queries (T > W): block n's
+        queries see blocks n-1 and n through the window (t − W < j ≤ t), block n-1's older keys (j ≤ t − W)
+        and every key of blocks ≤ n-2 through the feature maps; with zero decay the state entering block n is
+        a plain prefix sum of per-block φ(k)ᵀ[v, 1] (no scan).  q [B,T,H,D], k [B,T,H,D], v1 [B,T,H,Dv+1]
+        (fp32), φ(q), φ(k) [B,T,H,2F] -> window sums, linear sums [B,T,H,Dv+1], state [B,H,2F,Dv+1] over the
+        keys j ≤ T − W (those no longer in the window) or None."""
+        import torch.nn.functional as F
+        B, T, H, _ = q.shape
+        W = self.window
+        nb = -(-T // W)
+        pad = nb * W - T
+
+        def blocks(x):   # [B,T,H,d] -> [B,H,nb,W,d] fp32 (padded keys have zero values: no weight anywhere)
+            return F.pad(x.float(), (0, 0, 0, 0, 0, pad)).view(B, nb, W, H, -1).permute(0, 3, 1, 2, 4)
+
+        def previous(x):   # block n -> block n-1 (zeros before the first)
+            return F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1]
+
+        qb, kb, vb, pqb, pkb = (blocks(x) for x in (q, k, v1, phi_q, phi_k))
+        k_prev, v_prev, pk_prev = previous(kb), previous(vb), previous(pkb)
+        a = torch.arange(W, device=q.device)[:, None]   # query offset in its block
+        c = torch.arange(W, device=q.device)[None]      # key offset in its block
+        # linear: block n-1's keys older than the window (c <= a), then the blocks before it through the state
+        kv = pkb.transpose(-1, -2) @ vb                                          # [B,H,nb,2F,Dv+1]
+        before = F.pad(kv.cumsum(2), (0, 0, 0, 0, 2, 0))[:, :, :nb]              # Σ over blocks ≤ n-2
+        lin = ((pqb @ pk_prev.transpose(-1, -2)) * (c <= a)) @ v_prev + pqb @ before
+        # window: block n-1's keys still in it (c > a), block n's up to the query (c <= a)
+        keys, values = torch.cat([k_prev, kb], dim=3), torch.cat([v_prev, vb], dim=3)   # [B,H,nb,2W,·]
+        scores = (qb @ keys.transpose(-1, -2)) * self.attn.scaling                       # [B,H,nb,W,2W]
+        allowed = torch.cat([c > a, c <= a], dim=-1) & (values[..., -1] > 0)[..., None, :]   # real keys only
+        sink = None
+        if hasattr(self, "rnnify_sink_key"):   # seen once some key has left the window: lin's normaliser > 0
+            key, value = self._sink()
+            sink = ((qb @ key[None, :, None, :, None]) * self.attn.scaling, lin[..., -1:] > 0,
+                    value[None, :, None, None].expand(B, -1, nb, -1, -1), -2)
+            allowed = allowed.expand(*sink[1].shape[:-1], -1)
+        sw = self._softmax_sums(scores, allowed, values, "bhnwk,bhnkv->bhnwv", sink)
+        state = None
+        if final_state:   # the keys j ≤ T − W: whole blocks from the prefix sums, then the rest of one block
+            held = T - W + 1
+            whole, rest = divmod(held, W)
+            state = kv[:, :, :whole].sum(2)
+            if rest:
+                state = state + pkb[:, :, whole, :rest].transpose(-1, -2) @ vb[:, :, whole, :rest]
+
+        def tokens(x):   # [B,H,nb,W,d] -> [B,T,H,d]
+            return x.permute(0, 2, 3, 1, 4).reshape(B, nb * W, H, -1)[:, :T]
+        return tokens(sw), tokens(lin), state

@@ -191,8 +191,8 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
         return torch.arange(past, past + T, device=device)[None]
 
     def _blocked_window_applies(self, attention_mask, cache, packed, T: int) -> bool:
-        """A prompt longer than two windows, from position 0, unpadded, one document: O(T·W) blocks suffice."""
-        if T <= 2 * self.config.attention_window or packed is not None:
+        """A prompt from position 0, unpadded, one document: causal attention (T <= W) or O(T·W) blocks suffice."""
+        if T == 1 or packed is not None:
             return False
         if cache is not None and getattr(cache, "rnnify_seen_tokens", 0):
             return False
