@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .training import TrainOptions, train
+from .training import TrainOptions, train, window_dropout_schedule
 
 
 def mixer_modules(student) -> dict[int, nn.Module]:
@@ -153,7 +153,8 @@ def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions
     errors_before = layer_errors(student, eval_rows, opts.batch_size) if eval_rows is not None else None
     module = AttentionTransferLoss(student, block_weight)
     with student.mixer_window(train_window) if train_window else nullcontext():
-        summary = train(module, groups, rows, opts, out_dir, "attention_transfer")
+        summary = train(module, groups, rows, opts, out_dir, "attention_transfer",
+                        progress=window_dropout_schedule(student, opts.window_dropout))
     for p in student.parameters():
         p.requires_grad_(False)
     student.eval()

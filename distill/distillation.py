@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_transfer import mixer_parameters
-from .training import TrainOptions, train
+from .training import TrainOptions, train, window_dropout_schedule
 
 
 def added_parameters(student) -> list[nn.Parameter]:
@@ -187,7 +187,7 @@ def train_distill(student, rows, *, out_dir: Path, opts: TrainOptions, temperatu
     n_lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     with activation_checkpointing(student) if gradient_checkpointing else nullcontext():
         summary = train(DistillLoss(model, student, temperature, kl_weight, ce_weight, frozen_copy), params, rows,
-                        opts, out_dir, "distill")
+                        opts, out_dir, "distill", progress=window_dropout_schedule(student, opts.window_dropout))
     del frozen_copy
     if trainable == "lora":
         student = model.merge_and_unload()

@@ -50,6 +50,7 @@ class TrainOptions:
     keep_checkpoints: int = 2
     fingerprint: str = ""          # what the checkpoints belong to; others are ignored, not resumed
     trackers: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb), logging under out_dir
+    window_dropout: float = 0.0    # windowed mixers: start probability of a (row, head) without its window
 
 
 STATE_FILE = "rnnify_state.json"   # written last: a checkpoint without it is incomplete
@@ -180,10 +181,20 @@ def _number(x):
     return x.tolist() if isinstance(x, torch.Tensor) and x.dim() > 0 else float(x)
 
 
-def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: str) -> dict:
+def window_dropout_schedule(student, start: float):
+    """The stage's window dropout: ``start`` at the first step, annealed linearly to 0 at the last (a progress
+    callback for ``train``), or None when ``start`` is 0."""
+    if not start:
+        return None
+    return lambda progress: student.set_window_dropout(start * (1.0 - progress))
+
+
+def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: str, progress=None) -> dict:
     """One pass over ``rows`` (packed rows) training ``params`` of ``module``; returns the stage summary.
 
     ``params``: tensors, or AdamW parameter groups (dicts with ``params`` and, e.g., their own ``lr``).
+    ``progress``: called before each batch with the fraction of optimizer steps done (0 at the first, resumed runs
+    included), and with 1.0 once the pass is over (a schedule, e.g. ``window_dropout_schedule``).
 
     Writes ``<out_dir>/log.jsonl`` (one line per optimizer step: loss, lr, tokens, grad norm, extras) and
     ``<out_dir>/loss.png``.
@@ -237,6 +248,8 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
     bar = tqdm(total=steps, initial=step, desc=name, unit="step", disable=not accelerator.is_local_main_process)
     with open(out_dir / "log.jsonl", "a") if main else nullcontext() as log_file:
         for batch in batches:
+            if progress is not None:
+                progress(step / steps)
             with accelerator.accumulate(module):
                 loss, extras = module(**batch)
                 if not torch.isfinite(loss.detach()).all():
@@ -274,6 +287,8 @@ def train(module, params: list, rows, opts: TrainOptions, out_dir: Path, name: s
             if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == steps):
                 save_checkpoint(accelerator, ckpt_dir, step, tokens, opts.fingerprint, opts.keep_checkpoints)
     bar.close()
+    if progress is not None:
+        progress(1.0)
     if opts.trackers:
         accelerator.end_training()
     restore_dtypes(storage_dtypes)

@@ -246,6 +246,26 @@ def test_master_weights_are_fp32_under_mixed_precision_and_stages_may_change_pre
     assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-12)   # the cosine schedule runs to its end
 
 
+def test_window_dropout_is_annealed_to_zero_over_the_stage_and_left_off(tmp_path):
+    """``train`` reports its progress before each batch (0, 1/steps, ...) and 1.0 at the end; the schedule turns
+    it into the mixers' dropout probability, from the recipe's value down to 0."""
+    from distill.training import train, window_dropout_schedule
+    student = convert(make_teacher("llama"), {"type": "hedgehog", "window": 4}, [0, 2])
+    mixers = [student.model.layers[i].self_attn for i in (0, 2)]
+    probe, seen = _Probe(), []
+    schedule = window_dropout_schedule(student, 0.6)
+
+    def progress(fraction):
+        schedule(fraction)
+        seen.append((fraction, mixers[0].window_dropout, mixers[1].window_dropout))
+    summary = train(probe, [probe.proj.weight], rows(), TrainOptions(lr=1e-3, batch_size=4), tmp_path, "s", progress)
+    steps = summary["steps"]
+    assert [f for f, _, _ in seen] == [i / steps for i in range(steps)] + [1.0]
+    assert [p for _, p, _ in seen] == pytest.approx([0.6 * (1 - i / steps) for i in range(steps)] + [0.0])
+    assert all(a == b for _, a, b in seen) and mixers[0].window_dropout == 0.0
+    assert window_dropout_schedule(student, 0.0) is None
+
+
 def test_a_shorter_training_window_is_the_student_converted_with_that_window_and_is_given_back():
     teacher = make_teacher("llama")
     wide = convert(teacher, {"type": "hedgehog", "window": 6}, [0, 2])

@@ -352,6 +352,23 @@ def test_train_window_must_be_shorter_than_the_mixer_window(tmp_path, mixer, win
     assert load_recipe(write(tmp_path, ok))[0].stages[0].train_window == 16
 
 
+@pytest.mark.parametrize("stage, mixer, message", [
+    ({"name": "distill", "window_dropout": 0.5}, {"type": "gla"},
+     "stages[0].window_dropout: 0.5 needs a mixer with a softmax window (convert.mixer.window)"),
+    ({"name": "attention_transfer", "window_dropout": 1.0}, {"type": "hedgehog", "window": 64},
+     "stages.0.window_dropout: Input should be less than 1 (got 1.0)"),
+    ({"name": "distill", "window_dropout": -0.1}, {"type": "hedgehog", "window": 64},
+     "stages.0.window_dropout: Input should be greater than or equal to 0"),
+])
+def test_window_dropout_needs_a_window_and_a_probability(tmp_path, stage, mixer, message):
+    data = {**BASE, "convert": {"mixer": mixer}, "stages": [stage]}
+    assert message in error_of(tmp_path, data)
+    ok = {**BASE, "convert": {"mixer": {"type": "hedgehog", "window": 64}},
+          "stages": [{"name": "attention_transfer", "window_dropout": 0.5}, {"name": "distill"}]}
+    recipe = load_recipe(write(tmp_path, ok))[0]
+    assert [s.window_dropout for s in recipe.stages] == [0.5, 0.0]
+
+
 def test_a_windowed_hybrid_of_a_sliding_window_teacher_validates(tmp_path):
     from transformers import AutoConfig
     fields = dict(HUB_TEACHERS["mistralai/Mistral-7B-v0.3"], sliding_window=4096)

@@ -681,6 +681,36 @@ def test_every_mixer_starts_closer_to_the_attention_than_a_zero_output(mixer):
     assert all(e["relative_mse"] < 1.0 for e in errors.values()), errors
 
 
+def test_window_dropout_trains_dropped_heads_as_linear_attention_over_every_key_and_only_while_training():
+    """A dropped (row, head) is the windowless Hedgehog with the same weights; nothing changes outside training
+    (eval mode, or no gradients) or at probability 0; a probability in between drops some pairs, not all."""
+    teacher = make_teacher("llama")
+    windowed = randomize_mixers(convert(teacher, {"type": "hedgehog", "window": 4, "sink": True}, [0, 2]))
+    plain = convert(teacher, {"type": "hedgehog"}, [0, 2])
+    plain.load_state_dict(windowed.state_dict(), strict=False)   # the same feature maps, no window
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        normal, linear = windowed(ids).logits, plain(ids).logits
+    assert not torch.allclose(normal, linear, atol=1e-3)
+    windowed.set_window_dropout(1 - 1e-9)   # every pair, almost surely
+    with torch.no_grad():
+        torch.testing.assert_close(windowed(ids).logits, normal)   # eval mode: no dropout
+    windowed.train()
+    torch.testing.assert_close(windowed(ids).logits, linear, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():   # no gradients: not training a step
+        torch.testing.assert_close(windowed(ids).logits, normal)
+    windowed.set_window_dropout(0.5)
+    torch.manual_seed(0)
+    half = windowed(ids).logits
+    assert not torch.allclose(half, normal, atol=1e-4) and not torch.allclose(half, linear, atol=1e-4)
+    windowed.set_window_dropout(0.0)
+    torch.testing.assert_close(windowed(ids).logits, normal)
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        windowed.set_window_dropout(1.0)
+    with pytest.raises(ValueError, match="softmax window"):
+        convert(teacher, {"type": "gla"}, [1]).set_window_dropout(0.5)
+
+
 def test_recurrent_part_off_keeps_only_the_window_or_zeroes_the_mixer():
     ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(0))
     windowed = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 4, "sink": True}, [0, 2]))

@@ -50,6 +50,7 @@ class Hedgehog(RingDecoding, Mixer):
         self.feature_k = nn.Parameter(torch.empty(H, D, F))
         self.window = self.opts["window"]
         self.has_window = bool(self.window)
+        self.window_dropout = 0.0   # set by RnnifyForCausalLM.set_window_dropout while a stage trains
         if self.window:
             self.window_factor = nn.Parameter(torch.empty(H))
         if self.window and self.opts["sink"]:
@@ -85,11 +86,21 @@ class Hedgehog(RingDecoding, Mixer):
         v1 = self.with_normaliser(v, valid)
         phi_q = self.feature_map(q, self.feature_q)
         if not self.window:
-            phi_k = self.feature_map(self.expand(k), self.feature_k)
-            o = self.recurrence("decay_scalar", phi_q, phi_k, self.expand(v1).float(),
-                                torch.zeros(phi_q.shape[:3], device=q.device), None, cache, scale=1.0, packed=packed)
-            return o[..., :-1] / (o[..., -1:] + self.opts["eps"])
-        return self._mix_windowed(q, k, v1, phi_q, cache, packed)
+            return self._linear(phi_q, k, v1, cache, packed)
+        out = self._mix_windowed(q, k, v1, phi_q, cache, packed)
+        if self.window_dropout and self.training and torch.is_grad_enabled():
+            B, T, H = phi_q.shape[:3]
+            dropped = torch.rand(B, 1, H, 1, device=q.device) < self.window_dropout
+            if dropped.any():   # these (row, head) pairs: linear attention over every key, no window
+                out = torch.where(dropped, self._linear(phi_q, k, v1, None, packed).to(out.dtype), out)
+        return out
+
+    def _linear(self, phi_q, k, v1, cache, packed):
+        """Linear attention over every key: φ(q) [B,T,H,2F], k [B,T,Hkv,D], v1 [B,T,Hkv,Dv+1] -> [B,T,H,Dv]."""
+        phi_k = self.feature_map(self.expand(k), self.feature_k)
+        o = self.recurrence("decay_scalar", phi_q, phi_k, self.expand(v1).float(),
+                            torch.zeros(phi_q.shape[:3], device=phi_q.device), None, cache, scale=1.0, packed=packed)
+        return o[..., :-1] / (o[..., -1:] + self.opts["eps"])
 
     @staticmethod
     def with_normaliser(v, valid):

@@ -171,6 +171,18 @@ class RnnifyForCausalLM(RnnifyPreTrainedModel, GenerationMixin):
             for m, w in zip(mixers, saved):
                 m.window = w
 
+    def set_window_dropout(self, probability: float) -> None:
+        """While training (and only then), each windowed mixer drops its softmax window for a random
+        ``probability`` of (row, head) pairs, which then run linear attention over every key: the feature maps
+        must carry the whole context there, not only what has left the window.  0 switches it off."""
+        if not 0.0 <= probability < 1.0:
+            raise ValueError(f"window dropout must be in [0, 1), got {probability}")
+        mixers = [m for m in self.modules() if isinstance(m, Mixer) and getattr(m, "has_window", False)]
+        if probability and not mixers:
+            raise ValueError("window dropout needs mixers with a softmax window (convert.mixer.window)")
+        for m in mixers:
+            m.window_dropout = probability
+
     def window_shares(self) -> dict[int, float]:
         """Per converted layer with a softmax window: the mean learned window share (0.5 at conversion)."""
         shares = {i: getattr(self.model.layers[i].self_attn, "window_share", lambda: None)()

@@ -57,6 +57,15 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _window_dropout_needs_a_window(self):
+        window = getattr(self.convert.mixer, "window", None)
+        for i, stage in enumerate(self.stages):
+            if stage.window_dropout and not window:
+                raise ValueError(f"stages[{i}].window_dropout: {stage.window_dropout} needs a mixer with a softmax "
+                                 "window (convert.mixer.window); set it to 0 or give the mixer a window")
+        return self
+
+    @model_validator(mode="after")
     def _auto_keep_after_attention_transfer(self):
         if isinstance(self.convert.keep_attention, AutoKeep):
             first = self.stages[0] if self.stages else None

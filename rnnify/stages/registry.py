@@ -50,6 +50,9 @@ class TrainingStage(Strict):
     log_every: Annotated[int, Field(gt=0)] = 10
     checkpoint_every: Annotated[int, Field(ge=0, description="optimizer steps between checkpoints; 0: none")] = 25
     keep_checkpoints: Annotated[int, Field(gt=0)] = 2
+    window_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="windowed mixers: probability that a (row, head) trains without its softmax window (linear "
+                         "attention over every key), annealed linearly to 0 over the stage; 0: off")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -75,6 +78,7 @@ def train_options(section: TrainingStage, seed: int, trackers: tuple[str, ...], 
                         lr_schedule=section.lr_schedule, warmup_steps=section.warmup_steps,
                         weight_decay=section.weight_decay, max_grad_norm=section.max_grad_norm,
                         mixed_precision=section.mixed_precision, cpu=device == "cpu", log_every=section.log_every,
+                        window_dropout=section.window_dropout,
                         trackers=tuple(trackers))
 
 
