@@ -129,6 +129,15 @@ def decode_ratio(row: dict, ref: dict) -> tuple[float, float, float]:
     return row["decode_tokens_per_s"] / ref["decode_tokens_per_s"], lo / ref_hi, hi / ref_lo
 
 
+def prefill_ratio(row: dict, ref: dict) -> tuple[float, float, float]:
+    """``row``'s prefill time over ``ref``'s: (ratio, lowest, highest) over the alternating prefill rounds
+    (``compare``'s ``prefill_ratio``), or the ratio of single timings (no spread)."""
+    if row.get("prefill_ratio"):
+        return tuple(row["prefill_ratio"])
+    ratio = row["prefill_s"] / ref["prefill_s"]
+    return ratio, ratio, ratio
+
+
 def profile(model, name: str, lengths: list[int], *, new_tokens: int = 32, batch_size: int = 1, warmup: int = 64,
             prompt: torch.Tensor | None = None, repeats: int = 1) -> list[dict]:
     """``measure`` ``model`` at every length (rows tagged ``model: name``), after an untimed warm-up at ``warmup``
@@ -146,14 +155,17 @@ def summarize(rows: list[dict], reference: str, **meta) -> dict:
 
 
 def compare(models: dict, lengths: list[int], *, new_tokens: int = 32, batch_size: int = 1, warmup: int = 64,
-            repeats: int = 1) -> dict:
-    """Every model at every length on the same prompt, their decoding timed in alternation; rows and crossovers.
+            repeats: int = 1, prefill_repeats: int = 1) -> dict:
+    """Every model at every length on the same prompt, their prefill and decoding timed in alternation; rows and
+    crossovers.
 
-    ``models``: name -> model, the first is the reference (the teacher).  At each length every model prefills the
-    prompt and decodes a first round of ``new_tokens``, one model after the other; then ``repeats`` - 1 more rounds
-    alternate between the models, in reverse order every other round.  A slow phase of a shared machine thus slows
-    every model alike, and each other model's row carries ``decode_speedup``: its rate over the reference's in the
-    same round, [median, min, max] over the rounds.
+    ``models``: name -> model, the first is the reference (the teacher).  At each length the models prefill the
+    prompt ``prefill_repeats`` times in alternating rounds (reversed every other round; each round starts from an
+    empty cache), then each decodes a first round of ``new_tokens`` from its last prefill, one model after the
+    other; then ``repeats`` - 1 more rounds alternate between the models, in reverse order every other round.  A slow
+    phase of a shared machine thus slows every model alike.  Rows carry ``prefill_s`` (median over the prefill
+    rounds) and ``prefill_range`` [min, max]; each other model's row carries ``prefill_ratio`` and
+    ``decode_speedup``: its time (rate) over the reference's in the same round, [median, min, max] over the rounds.
     """
     vocab = min(m.config.vocab_size for m in models.values())
     prompt = _prompt(vocab, batch_size, max(lengths))
@@ -162,23 +174,32 @@ def compare(models: dict, lengths: list[int], *, new_tokens: int = 32, batch_siz
     reference = next(iter(models))
     rows = []
     for length in lengths:
-        runs = {}
-        for name, model in models.items():
-            runs[name] = Decoding(model, prompt[:, :length])
+        runs, prefills = {}, {name: [] for name in models}
+        for r in range(prefill_repeats):
+            for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                runs.pop(name, None)   # the previous round's cache, before this prefill
+                runs[name] = Decoding(models[name], prompt[:, :length])
+                prefills[name].append(runs[name].prefill_s)
+        for name in models:
             runs[name].round(new_tokens)
+        runs = {name: runs[name] for name in models}
         order = list(runs.values())
         for r in range(1, repeats):
             for run in (order if r % 2 == 0 else order[::-1]):
                 run.round(new_tokens)
         for name, run in runs.items():
-            row = {"model": name, **run.row()}
+            times = prefills[name]
+            row = {"model": name, **run.row(), "prefill_s": statistics.median(times),
+                   "prefill_range": [min(times), max(times)], "prefill_repeats": len(times)}
             if name != reference:
                 ratios = [a / b for a, b in zip(run.rates, runs[reference].rates)]
                 row["decode_speedup"] = [statistics.median(ratios), min(ratios), max(ratios)]
+                ratios = [a / b for a, b in zip(times, prefills[reference])]
+                row["prefill_ratio"] = [statistics.median(ratios), min(ratios), max(ratios)]
             rows.append(row)
         del runs, order, run   # the caches of this length, before the next length's prefill
     return summarize(rows, reference, lengths=lengths, new_tokens=new_tokens, batch_size=batch_size,
-                     repeats=repeats, paired=True,
+                     repeats=repeats, prefill_repeats=prefill_repeats, paired=True,
                      device=str(next(next(iter(models.values())).parameters()).device))
 
 
@@ -187,7 +208,7 @@ def crossovers(rows: list[dict], reference: str) -> dict:
     longer measured context (None if it never does).  Decode beats only when it is faster over its whole
     range of repeats (its slowest repeat against the reference's fastest)."""
     better = {"decode_tokens_per_s": lambda a, b: decode_ratio(a, b)[1] > 1,
-              "prefill_s": lambda a, b: a["prefill_s"] < b["prefill_s"],
+              "prefill_s": lambda a, b: prefill_ratio(a, b)[2] < 1,
               "cache_mb": lambda a, b: a["cache_mb"] < b["cache_mb"]}
     ref = {r["context"]: r for r in rows if r["model"] == reference}
     out = {}
@@ -213,7 +234,7 @@ def markdown(result: dict) -> str:
     for n in names:
         head += [f"{n} prefill s", f"{n} decode tok/s", f"{n} cache MB"]
     for n in others:
-        head += [f"{n} prefill ratio", f"{n} decode speedup (range)", f"{n} cache ratio"]
+        head += [f"{n} prefill time ratio (range)", f"{n} decode speedup (range)", f"{n} cache ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for L in sorted({r["context"] for r in result["rows"]}):
         cells = [f"{L:,}"]
@@ -222,13 +243,18 @@ def markdown(result: dict) -> str:
             rate = f"{r['decode_tokens_per_s']:.1f}"
             if r.get("decode_range") and r.get("repeats", 1) > 1:
                 rate += f" ({r['decode_range'][0]:.1f}–{r['decode_range'][1]:.1f})"
-            cells += [f"{r['prefill_s']:.2f}", rate, f"{r['cache_mb']:.1f}"]
+            prefill = f"{r['prefill_s']:.2f}"
+            if r.get("prefill_repeats", 1) > 1:
+                prefill += f" ({r['prefill_range'][0]:.2f}–{r['prefill_range'][1]:.2f})"
+            cells += [prefill, rate, f"{r['cache_mb']:.1f}"]
         for n in others:
             r, t = by[(n, L)], by[(ref, L)]
             ratio, lo, hi = decode_ratio(r, t)
             # bold only a speedup that holds over the whole range of repeats
             speedup = f"{ratio:.2f}× ({lo:.2f}–{hi:.2f})"
-            cells += [f"{r['prefill_s'] / t['prefill_s']:.2f}×", f"**{speedup}**" if lo > 1 else speedup,
+            p_ratio, p_lo, p_hi = prefill_ratio(r, t)
+            prefill = f"{p_ratio:.2f}×" + (f" ({p_lo:.2f}–{p_hi:.2f})" if r.get("prefill_ratio") else "")
+            cells += [f"**{prefill}**" if p_hi < 1 else prefill, f"**{speedup}**" if lo > 1 else speedup,
                       f"{r['cache_mb'] / t['cache_mb']:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
@@ -278,6 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5,
                         help="decode rounds per length, the models in alternation (median and range)")
+    parser.add_argument("--prefill-repeats", type=int, default=1,
+                        help="prefill rounds per length, the models in alternation (median and range)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -288,7 +316,7 @@ def main(argv=None) -> int:
               "student": AutoModelForCausalLM.from_pretrained(args.student, dtype=dtype, trust_remote_code=True)}
     models = {k: m.to(args.device).eval() for k, m in models.items()}
     result = compare(models, args.lengths, new_tokens=args.new_tokens, batch_size=args.batch_size,
-                     repeats=args.repeats)
+                     repeats=args.repeats, prefill_repeats=args.prefill_repeats)
     print(markdown(result))
     if args.plot:
         plot(result, args.plot)

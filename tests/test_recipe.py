@@ -73,6 +73,13 @@ def test_wrong_type(tmp_path):
     assert "eval.seq_len:" in error_of(tmp_path, with_({"eval.seq_len": "long"}))
 
 
+@pytest.mark.parametrize("field", ["repeats", "prefill_repeats", "new_tokens", "batch_size"])
+def test_speed_counts_must_be_positive(tmp_path, field):
+    msg = error_of(tmp_path, with_({"eval.speed": {field: 0}}))
+    assert f"eval.speed.{field}: Input should be greater than 0" in msg, msg
+    assert getattr(load_recipe(write(tmp_path, with_({"eval.speed": {field: 3}})))[0].eval.speed, field) == 3
+
+
 def test_window_must_be_positive(tmp_path):
     msg = error_of(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "window": 0}}))
     assert "convert.mixer.window:" in msg and "greater than 0" in msg

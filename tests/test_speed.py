@@ -70,6 +70,32 @@ def test_a_decode_speedup_counts_only_when_it_holds_over_the_whole_range_of_repe
     assert "| 11.0 (8.0–12.0) |" in table
 
 
+def test_prefill_is_timed_in_alternating_rounds_and_wins_only_over_its_whole_range():
+    teacher = make_teacher("llama")
+    student = convert(teacher, {"type": "gla"}, [0, 1, 2])
+    result = compare({"teacher": teacher, "student": student}, [32, 64], new_tokens=2, warmup=8, prefill_repeats=3,
+                     repeats=2)
+    assert result["prefill_repeats"] == 3
+    for r in result["rows"]:
+        lo, hi = r["prefill_range"]
+        assert r["prefill_repeats"] == 3 and 0 < lo <= r["prefill_s"] <= hi and r["repeats"] == 2
+    student_rows = [r for r in result["rows"] if r["model"] == "student"]
+    assert all(r["prefill_ratio"][1] <= r["prefill_ratio"][0] <= r["prefill_ratio"][2] for r in student_rows)
+
+    def row(model, L, prefill, ratio=None):
+        return {"model": model, "context": L, "decode_tokens_per_s": 10.0, "prefill_s": prefill, "cache_mb": 1.0,
+                "prefill_range": [prefill * 0.9, prefill * 1.1], "prefill_repeats": 3,
+                **({"prefill_ratio": ratio} if ratio else {})}
+    rows = [row("teacher", 512, 1.0), row("teacher", 1024, 2.0),
+            row("student", 512, 0.9, [0.9, 0.8, 1.05]),    # faster at the median, not in every round
+            row("student", 1024, 1.8, [0.9, 0.85, 0.95])]  # faster in every round
+    cross = crossovers(rows, "teacher")
+    assert cross["student"]["prefill_s"] == 1024
+    table = markdown({"rows": rows, "crossover": cross})
+    assert "| 0.90× (0.80–1.05) |" in table and "| **0.90× (0.85–0.95)** |" in table
+    assert "| 512 | 1.00 (0.90–1.10) |" in table
+
+
 def test_measure_times_every_repeat_and_keeps_the_first_repeats_cache():
     teacher = make_teacher("llama")
     one, three = (measure(teacher, 32, new_tokens=2, repeats=r) for r in (1, 3))
@@ -122,8 +148,9 @@ def test_decode_profile_splits_a_token_into_module_kinds_for_teacher_and_student
     assert table.splitlines()[-2].endswith("| 1.00× |")
     prefill = {name: profile_decode(model, 12, 6, repeats=2, prefill=True)
                for name, model in (("teacher", teacher), ("student", student))}
-    for r in prefill.values():   # the prefill's parts: every kind runs once per layer over the whole prompt
-        assert r["total"] > 0 and r["token mixer"] > 0 and r["MLP"] > 0 and r["rest"] > -0.5 * r["total"]
+    for r in prefill.values():   # the prefill's parts (times only: their sizes are the benchmark's to read)
+        assert r["total"] > 0 and r["token mixer"] > 0 and r["MLP"] > 0
+        assert r["modules_timed"] == {"token mixer": 3, "MLP": 3, "norms": 7, "LM head": 1}
     table = markdown(prefill, 12, 6, prefill=True)
     assert table.startswith("prefill of 12 tokens, ms") and "| prompt tokens/s |" in table
 
@@ -151,8 +178,9 @@ def test_decode_profile_pytorch_step_copy_decodes_without_the_fused_step(monkeyp
 
 
 def test_compare_times_the_models_in_alternating_rounds_and_reports_the_speedup_of_each_round():
-    """Each model prefills and decodes a first round in turn, then the rounds alternate (in reverse order every
-    other round); the student's row carries its rate over the teacher's per round: [median, min, max]."""
+    """Each model prefills in turn (prefill rounds alternating, reversed every other one), then decodes a first round
+    in turn, then the rounds alternate (in reverse order every other round); the student's row carries its rate over
+    the teacher's per round: [median, min, max]."""
     models = {"teacher": make_teacher("llama"),
               "student": convert(make_teacher("llama"), {"type": "hedgehog", "window": 4}, [0, 2])}
     calls = []
@@ -162,8 +190,12 @@ def test_compare_times_the_models_in_alternating_rounds_and_reports_the_speedup_
     result = compare(models, [10], new_tokens=3, warmup=10, repeats=4)
     t, s = ("teacher", 1), ("student", 1)
     warmup = [("teacher", 10), t, t, ("student", 10), s, s]
-    rounds = [("teacher", 10), t, t, t, ("student", 10), s, s, s] + [s] * 3 + [t] * 3 + [t] * 3 + [s] * 3 + [s] * 3 + [t] * 3
+    rounds = [("teacher", 10), ("student", 10), t, t, t, s, s, s] + [s] * 3 + [t] * 3 + [t] * 3 + [s] * 3 + [s] * 3 + [t] * 3
     assert calls == warmup + rounds
+    calls.clear()
+    compare(models, [10], new_tokens=1, warmup=10, repeats=1, prefill_repeats=3)   # prefill rounds alternate too
+    assert calls[6:] == [("teacher", 10), ("student", 10), ("student", 10), ("teacher", 10), ("teacher", 10),
+                         ("student", 10), t, s]
     rows = {r["model"]: r for r in result["rows"]}
     median, low, high = rows["student"]["decode_speedup"]
     assert result["paired"] and rows["student"]["repeats"] == rows["teacher"]["repeats"] == 4

@@ -53,7 +53,7 @@ def measure_speed(load_teacher_model, student, section: EvalSection) -> dict | N
     from eval.speed import compare
     log.info("speed/memory of teacher and student at %s tokens, decoding in alternation", spec.lengths)
     return compare({"teacher": load_teacher_model(), "student": student}, spec.lengths, new_tokens=spec.new_tokens,
-                   batch_size=spec.batch_size, repeats=spec.repeats)
+                   batch_size=spec.batch_size, repeats=spec.repeats, prefill_repeats=spec.prefill_repeats)
 
 
 def component_ablation(student, windows, batch_size: int, student_perplexity: float) -> dict | None:

@@ -155,6 +155,8 @@ class SpeedSection(Strict):
     new_tokens: Annotated[int, Field(gt=0, description="greedy tokens decoded after each prompt, per repeat")] = 32
     repeats: Annotated[int, Field(gt=0, description="decode rounds per length, teacher and student in alternation: "
                                                   "median and range reported")] = 5
+    prefill_repeats: Annotated[int, Field(gt=0, description="prefills of each prompt, teacher and student in "
+                                                          "alternation: median and range reported")] = 1
     batch_size: Annotated[int, Field(gt=0)] = 1
 
     @field_validator("lengths")
