@@ -151,7 +151,7 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
         "perplexity": ppl,
         "perplexity_tokens": sum(len(w) for w in windows),
         "eval_text": recipe.eval.text.source,
-        "unseen": unseen and {"text": unseen[0], "tokens": sum(len(w) for w in unseen[1]), "perplexity": unseen_ppl},
+        "unseen": unseen_report(unseen, unseen_ppl),
         "teacher": recipe.teacher,
         "teacher_path": location,
         "teacher_untrained": bool(info.get("untrained", False)),
@@ -188,6 +188,14 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
         return _evaluate_saved(recipe_path, overrides)
 
 
+def unseen_report(unseen: tuple[str, list] | None, perplexities: dict) -> dict | None:
+    """report.json's ``unseen``: the second domain's source, its token count and ``perplexities`` (None without one)."""
+    if unseen is None:
+        return None
+    source, windows = unseen
+    return {"text": source, "tokens": sum(len(w) for w in windows), "perplexity": perplexities}
+
+
 def _evaluate_saved(recipe_path: str, overrides: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,10 +221,8 @@ def _evaluate_saved(recipe_path: str, overrides: list[str]) -> dict:
     report["perplexity"]["student"] = evaluation.perplexity(student, "student")
     report["perplexity_tokens"] = sum(len(w) for w in windows)
     report["eval_text"] = recipe.eval.text.source
-    report["unseen"] = unseen and {
-        "text": unseen[0], "tokens": sum(len(w) for w in unseen[1]),
-        "perplexity": {"teacher": teacher_point["unseen_perplexity"],
-                       "student": evaluation.unseen_perplexity(student, "student")}}
+    report["unseen"] = unseen_report(unseen, {"teacher": teacher_point["unseen_perplexity"],
+                                              "student": evaluation.unseen_perplexity(student, "student")})
     student_tasks = None
     if "student" in recipe.eval.tasks_at:
         student_tasks = evaluation.tasks(student, "student", str((out / "student").resolve()))
