@@ -152,7 +152,8 @@ class Hedgehog(RingDecoding, Mixer):
         return self._softmax_sums(scores, allowed, v_ext, "bhtn,bnhv->bthv", sink)
 
     def _window_blocked(self, q, k, v, packed, past_window=None):
-        """The same sums from an empty cache in blocks of W queries, each over its 2W nearest keys: [B,T,H,Dv+1]."""
+        """The same sums for packed documents (no cache) in blocks of W queries, each over its 2W nearest keys of
+        its own document: [B,T,H,Dv+1].  (An unpacked prompt takes ``_prefill_blocks``.)"""
         import torch.nn.functional as F
         B, T, H, D = q.shape
         W = self.window
@@ -167,10 +168,9 @@ class Hedgehog(RingDecoding, Mixer):
         j = torch.arange(2 * W, device=q.device)[None, :]
         allowed = (j > i) & (j <= i + W)                                             # t − W < key ≤ t
         allowed = allowed & (vw[:, :, :, -1, None, :] > 0)                           # real keys [B,nb,H,1,2W]
-        if packed is not None:
-            seq_k = F.pad(packed.seq_idx, (W, pad), value=-1).unfold(1, 2 * W, W)   # [B,nb,2W]
-            seq_q = F.pad(packed.seq_idx, (0, pad), value=-2).view(B, nb, W)
-            allowed = allowed & (seq_q[:, :, None, :, None] == seq_k[:, :, None, None, :])
+        seq_k = F.pad(packed.seq_idx, (W, pad), value=-1).unfold(1, 2 * W, W)       # [B,nb,2W]
+        seq_q = F.pad(packed.seq_idx, (0, pad), value=-2).view(B, nb, W)
+        allowed = allowed & (seq_q[:, :, None, :, None] == seq_k[:, :, None, None, :])
         sink = None
         if past_window is not None:
             key, value = self._sink()
@@ -226,7 +226,7 @@ class Hedgehog(RingDecoding, Mixer):
         self.write_state(cache, new_state)
         # the sink is seen by queries some key has left the window of: exactly those with a linear normaliser > 0
         past_window = lin[..., -1] > 0 if hasattr(self, "rnnify_sink_key") else None
-        if P == 0 and T > 2 * W:   # long prefill: O(T·W) blocks instead of a T x T score matrix
+        if packed is not None and T > 2 * W:   # long packed rows: O(T·W) blocks instead of a T x T score matrix
             sw = self._window_blocked(q, k_ext, v_ext, packed, past_window)
         else:
             sw = self._window_dense(q, k_ext, v_ext, P, packed, past_window)
