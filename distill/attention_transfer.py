@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .training import TrainOptions, train, window_dropout_schedule
 
@@ -53,10 +54,18 @@ def projection_parameters(student) -> list[tuple[str, nn.Parameter]]:
 class AttentionTransferLoss(nn.Module):
     """Wraps the student so that one module's forward computes the loss (what DDP needs to sync gradients)."""
 
-    def __init__(self, student, block_weight: float = 0.0):
+    def __init__(self, student, block_weight: float = 0.0, gradient_checkpointing: bool = False):
         super().__init__()
         self.student = student
         self.block_weight = block_weight
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def _run(self, loss_of, *inputs):
+        """``loss_of(*inputs)``, its graph kept (default) or recomputed in the backward pass (checkpointing; the
+        random state is restored there, so window dropout draws the same masks)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(loss_of, *inputs, use_reentrant=False)
+        return loss_of(*inputs)
 
     def forward(self, input_ids, position_ids, labels=None):
         """input_ids, position_ids [B, T] (packed rows) -> (mean loss, {"layers": {layer: MSE}})."""
@@ -89,19 +98,25 @@ class AttentionTransferLoss(nn.Module):
         position_embeddings = student.model.rotary_emb(hidden, position_ids=position_ids)
         packed = student.packed_sequences(position_ids)
         losses, relative, block_losses = [], [], []
+        def mixer_mse(x, y, mixer):
+            y_hat = mixer(x, position_embeddings=position_embeddings, attention_mask=packed)[0]
+            return (y_hat.float() - y.float()).pow(2).mean()
+
+        def block_loss(h, z, block):
+            z_hat = block(h, attention_mask=packed, position_ids=position_ids, position_embeddings=position_embeddings,
+                          use_cache=False)
+            z_hat = z_hat[0] if isinstance(z_hat, tuple) else z_hat
+            update = (z.float() - h.float()).pow(2).mean().clamp_min(1e-12)
+            return (z_hat.float() - z.float()).pow(2).mean() / update
+
         for i, mixer in mixers.items():
             x, y = capture[i]
-            y_hat = mixer(x, position_embeddings=position_embeddings, attention_mask=packed)[0]
-            mse = (y_hat.float() - y.float()).pow(2).mean()
+            mse = self._run(lambda x, y, mixer=mixer: mixer_mse(x, y, mixer), x, y)
             losses.append(mse)
             relative.append(mse.detach() / y.float().pow(2).mean().clamp_min(1e-12))
             if self.block_weight:
-                h, z = blocks[i]
-                z_hat = student.model.layers[i](h, attention_mask=packed, position_ids=position_ids,
-                                                position_embeddings=position_embeddings, use_cache=False)
-                z_hat = z_hat[0] if isinstance(z_hat, tuple) else z_hat
-                update = (z.float() - h.float()).pow(2).mean().clamp_min(1e-12)
-                block_losses.append((z_hat.float() - z.float()).pow(2).mean() / update)
+                block = student.model.layers[i]
+                block_losses.append(self._run(lambda h, z, block=block: block_loss(h, z, block), *blocks[i]))
         losses = torch.stack(losses)
         loss = losses.mean()
         block = None
@@ -132,13 +147,15 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
 
 def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions, eval_rows=None,
                              trainable: str = "mixers", projection_lr: float | None = None,
-                             block_weight: float = 0.0, train_window: int | None = None) -> dict:
+                             block_weight: float = 0.0, train_window: int | None = None,
+                             gradient_checkpointing: bool = False) -> dict:
     """Train every mixer on its layer's attention output over ``rows`` (packed rows, one pass).
 
     ``trainable``: ``mixers`` (their added parameters) or ``attention`` (also the projections inside them, at
     ``projection_lr``, default ``opts.lr``); ``block_weight``: weight of the block-output alignment loss;
     ``train_window``: windowed mixers train with this shorter softmax window (``student.mixer_window``), so that
-    keys beyond it reach the output only through the feature maps and the recurrent state.
+    keys beyond it reach the output only through the feature maps and the recurrent state;
+    ``gradient_checkpointing``: each layer's loss is recomputed in the backward pass instead of kept (module docstring).
     Writes ``log.jsonl``, ``loss.png`` and ``layer_errors.json`` (per layer: MSE and relative MSE on
     ``eval_rows`` before and after) into ``out_dir``; returns the stage summary.
     """
@@ -151,7 +168,7 @@ def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions
     for p in student.parameters():
         p.requires_grad_(id(p) in keep)
     errors_before = layer_errors(student, eval_rows, opts.batch_size) if eval_rows is not None else None
-    module = AttentionTransferLoss(student, block_weight)
+    module = AttentionTransferLoss(student, block_weight, gradient_checkpointing)
     with student.mixer_window(train_window) if train_window else nullcontext():
         summary = train(module, groups, rows, opts, out_dir, "attention_transfer",
                         progress=window_dropout_schedule(student, opts.window_dropout))

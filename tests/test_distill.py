@@ -162,6 +162,43 @@ def test_activation_checkpointing_keeps_only_layer_inputs_for_every_mixer(mixer)
     assert saved_for_backward(student, ids)[0] > 0.9 * without   # turned off again on the way out
 
 
+@pytest.mark.parametrize("mixer", [{"type": "gated_deltanet"}, {"type": "hedgehog", "window": 8, "sink": True}],
+                         ids=["gated_deltanet", "hedgehog-window"])
+def test_attention_transfer_checkpointing_keeps_no_layer_graph_and_gives_the_same_gradients(mixer):
+    """Stage 1 with ``gradient_checkpointing``: each layer's loss (mixer and block alignment) runs again in the
+    backward pass, so a step keeps a small fraction of the tensors it keeps without, with the same loss and
+    gradients (window dropout's random masks drawn alike in the recomputation)."""
+    from distill.attention_transfer import AttentionTransferLoss
+    student = randomize_mixers(convert(make_teacher("llama", num_hidden_layers=4), mixer, [0, 1, 2, 3])).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if "window" in mixer:
+        student.set_window_dropout(0.5)
+    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(64)[None].expand(2, -1)
+    results = []
+    for checkpointing in (False, True):
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        torch.manual_seed(1)
+        module = AttentionTransferLoss(student, block_weight=0.5, gradient_checkpointing=checkpointing)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = module(ids, positions)
+        loss.backward()
+        results.append((loss.item(), sum(kept.values()),
+                        [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+        student.zero_grad(set_to_none=True)
+    (loss_without, kept_without, grads), (loss_with, kept_with, grads_with) = results
+    assert loss_with == pytest.approx(loss_without, rel=1e-6)
+    assert kept_with < 0.1 * kept_without, (kept_with, kept_without)
+    assert len(grads) == len(grads_with) > 0
+    for a, b in zip(grads, grads_with):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_tensorboard_tracker_gets_every_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     student = convert(make_teacher("llama"), {"type": "gla"}, [1])

@@ -432,25 +432,29 @@ def test_fused_step_builds_with_a_compiler_command_keyed_by_its_version_and_prun
     """``$CC`` may carry arguments (``env gcc``); the library's name changes with the compiler's version; builds
     abandoned by a killed process and libraries unused for 30 days are removed, the one in use is kept."""
     import os
+    import shutil
     import time
 
+    from rnnify_kernels import cpu_build
     from rnnify_kernels.hedgehog_window import cpu
+
+    prefix = cpu_build.build_prefix("hedgehog_window")
 
     monkeypatch.setenv("RNNIFY_CACHE", str(tmp_path))
     folder = tmp_path / "kernels"
     folder.mkdir()
-    abandoned, unused = folder / f"{cpu.BUILD_PREFIX}x1.so", folder / "hedgehog_window-0123456789abcdef.so"
-    for path, age in ((abandoned, 2 * cpu.STALE_BUILD_S), (unused, 2 * cpu.UNUSED_LIBRARY_S)):
+    abandoned, unused = folder / f"{prefix}x1.so", folder / "hedgehog_window-0123456789abcdef.so"
+    for path, age in ((abandoned, 2 * cpu_build.STALE_BUILD_S), (unused, 2 * cpu_build.UNUSED_LIBRARY_S)):
         path.write_bytes(b"")
         os.utime(path, (time.time() - age,) * 2)
-    fresh = folder / f"{cpu.BUILD_PREFIX}x2.so"   # another process building right now
+    fresh = folder / f"{prefix}x2.so"   # another process building right now
     fresh.write_bytes(b"")
     monkeypatch.setenv("CC", "env gcc")
-    assert cpu.compiler() == [cpu.shutil.which("env"), "gcc"]
+    assert cpu_build.compiler() == [shutil.which("env"), "gcc"]
     built = {}
     try:
         for version in ("gcc (fake) 1.0", "gcc (fake) 2.0"):
-            monkeypatch.setattr(cpu, "compiler_version", lambda cc, v=version: v)
+            monkeypatch.setattr(cpu_build, "compiler_version", lambda cc, v=version: v)
             cpu.library.cache_clear()
             assert cpu.library() is not None
             built[version] = set(folder.glob("hedgehog_window-*.so"))
@@ -459,3 +463,73 @@ def test_fused_step_builds_with_a_compiler_command_keyed_by_its_version_and_prun
     first, second = built.values()
     assert len(first) == 1 and len(second - first) == 1   # another version, another library
     assert not abandoned.exists() and not unused.exists() and fresh.exists()
+
+
+def ssm_step_inputs(mode, K=4, B=2, H=6, Hkv=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cpu")
+
+    C = (H + 2 * Hkv) * D
+    args = dict(qkv=randn(B, C), state=randn(B, H, D, D), gate_logit=randn(B, H) * 3, a_log=randn(H) / 2,
+                norm_weight=randn(H, D), norm_bias=randn(H, D))
+    kw = dict(mode=mode, heads=H, kv_heads=Hkv, scale=0.25, eps=1e-6, z=randn(B, H * D))
+    if K:
+        kw.update(conv_state=randn(B, C, K), conv_weight=randn(C, K))
+    kw.update(decay_logit=randn(B, H) * 3) if mode == "delta" else kw.update(d_skip=randn(H))
+    return args, kw
+
+
+@pytest.mark.parametrize("mode", ["delta", "decay"])
+@pytest.mark.parametrize("K", [0, 4])
+@pytest.mark.parametrize("rope", [None, "full", "partial-shared"])
+@pytest.mark.parametrize("valid", [None, [1.0, 0.0]], ids=["unpadded", "padded-row"])
+def test_fused_ssm_step_matches_its_reference(mode, K, rope, valid):
+    """The fused C step of Gated DeltaNet (delta) and Mamba2 (decay), conv and recurrent state in place, against
+    the reference (new tensors): output, state and conv state; a padded row leaves its state as it was."""
+    from rnnify_kernels import ssm_step
+
+    args, kw = ssm_step_inputs(mode, K)
+    B, D = args["qkv"].shape[0], args["state"].shape[-1]
+    if valid is not None:
+        kw["valid"] = torch.tensor(valid)
+    if rope is not None:
+        rows, R = (B, D) if rope == "full" else (1, D // 2)
+        angle = torch.rand(rows, R, generator=torch.Generator().manual_seed(1)) * 6
+        kw.update(cos=angle.cos(), sin=angle.sin())
+    assert ssm_step.usable(args["qkv"], args["state"], kw.get("conv_state"), 2)
+    o_ref, state_ref, conv_ref = ssm_step.naive(**args, **kw)
+    state = args["state"].clone()
+    conv = {"conv_state": kw["conv_state"].clone()} if K else {}
+    o = ssm_step.decode_step(**{**args, "state": state}, **{**kw, **conv})
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+    if K:
+        torch.testing.assert_close(conv["conv_state"], conv_ref, rtol=0, atol=0)
+    if valid is not None:   # decay 1, no input: the padded row's state is untouched
+        torch.testing.assert_close(state[1], args["state"][1], rtol=0, atol=0)
+
+
+def test_fused_ssm_step_says_when_it_cannot_run(monkeypatch):
+    """A forced PyTorch backend, another dtype, or shapes past its stack bound: ``usable`` is False (the caller
+    runs its PyTorch step); bad arguments are errors that name the argument and the shape expected."""
+    from rnnify_kernels import ssm_step
+
+    args, kw = ssm_step_inputs("delta")
+    assert ssm_step.usable(args["qkv"], args["state"], kw["conv_state"], 2)
+    monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "torch")
+    assert not ssm_step.usable(args["qkv"], args["state"], kw["conv_state"], 2)
+    monkeypatch.delenv("RNNIFY_KERNELS_BACKEND")
+    assert not ssm_step.usable(args["qkv"].double(), args["state"], kw["conv_state"], 2)
+    assert not ssm_step.usable(args["qkv"], torch.zeros(1, 256, 128, 128), None, 256)   # 256 KiB of stack or more
+    with pytest.raises(ValueError, match=r"gate_logit has shape \(2, 5\); expected \(2, 6\)"):
+        ssm_step.decode_step(**{**args, "gate_logit": args["gate_logit"][:, 1:].contiguous()}, **kw)
+    with pytest.raises(ValueError, match="mode 'delta' needs decay_logit"):
+        ssm_step.decode_step(**args, **{**kw, "decay_logit": None})
+    with pytest.raises(ValueError, match="conv_state and conv_weight go together"):
+        ssm_step.decode_step(**args, **{**kw, "conv_weight": None})
+    with pytest.raises(ValueError, match=r"cos/sin must be given together, \[2 or 1, R\] with R even"):
+        ssm_step.decode_step(**args, **kw, cos=torch.ones(2, 15), sin=torch.ones(2, 15))
+    with pytest.raises(ValueError, match="qkv must be a contiguous fp32 CPU tensor; got torch.float64"):
+        ssm_step.decode_step(**{**args, "qkv": args["qkv"].double()}, **kw)

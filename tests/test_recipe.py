@@ -501,6 +501,11 @@ def test_attention_transfer_trainable_projections_and_block_alignment(tmp_path):
     assert msg.endswith("stages.0: projection_lr needs trainable: attention (only then are the projections trained)")
     assert "stages.0.trainable" in error_of(tmp_path, with_({"stages": [{**stage, "trainable": "everything"}]}))
     assert "stages.0.block_weight" in error_of(tmp_path, with_({"stages": [{**stage, "block_weight": -1}]}))
+    assert recipe.stages[0].gradient_checkpointing is False
+    recipe, _ = load_recipe(write(tmp_path, with_({"stages": [{**stage, "gradient_checkpointing": True}]})))
+    assert recipe.stages[0].gradient_checkpointing is True
+    msg = error_of(tmp_path, with_({"stages": [{**stage, "gradient_checkpointing": "sometimes"}]}))
+    assert "stages.0.gradient_checkpointing" in msg and "boolean" in msg
 
 
 def test_budget_curve_needs_an_attention_transfer_stage_to_start_from(tmp_path):

@@ -728,3 +728,50 @@ def test_recurrent_part_off_keeps_only_the_window_or_zeroes_the_mixer():
     with torch.no_grad(), plain.recurrent_part_off():
         out, _ = plain.model.layers[1].self_attn(hidden)
     assert torch.equal(out, torch.zeros_like(out)) and plain.window_shares() == {}
+
+
+@pytest.mark.parametrize("mixer", [{"type": "gated_deltanet"}, {"type": "gated_deltanet", "conv": 0, "gate": False},
+                                   {"type": "mamba2"}, {"type": "mamba2", "rope": True, "conv": 2}],
+                         ids=["gdn", "gdn-no-conv-no-gate", "mamba2", "mamba2-rope-conv2"])
+def test_recurrent_decode_step_fused_equals_the_pytorch_step(monkeypatch, mixer):
+    """Gated DeltaNet and Mamba2 decode one token per C call on CPU (``rnnify_kernels.ssm_step``: conv state and
+    recurrent state in place); over a left-padded batch, its logits and its caches equal the PyTorch step's, and
+    the cache's length counts every token."""
+    from rnnify_kernels import ssm_step
+
+    used, fused_step = [], ssm_step.decode_step
+    monkeypatch.setattr(ssm_step, "decode_step", lambda *a, **kw: used.append(1) or fused_step(*a, **kw))
+    ids = torch.randint(2, 97, (2, 15), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+
+    def decode(backend):
+        if backend == "torch":
+            monkeypatch.setenv("RNNIFY_KERNELS_BACKEND", "torch")
+        student = randomize_mixers(convert(make_teacher("llama"), mixer, [0, 2]))
+        used.clear()
+        with torch.no_grad():
+            out = student(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+            cache, logits = out.cache, [out.logits[:, -1:]]
+            for t in range(6, 15):
+                if t == 10:   # in place, as an optimizer step would: nothing derived from them may go stale
+                    for layer in (0, 2):
+                        converted = student.model.layers[layer].self_attn
+                        converted.attn.v_proj.weight.mul_(1.5)
+                        (converted.beta_proj if hasattr(converted, "beta_proj") else converted.dt_proj).bias.add_(0.5)
+                logits.append(student(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache,
+                                      use_cache=True).logits)
+        monkeypatch.delenv("RNNIFY_KERNELS_BACKEND", raising=False)
+        return torch.cat(logits, 1), cache, len(used)
+
+    fused, fused_cache, calls = decode("fused")
+    assert calls == 2 * 9   # two converted layers, nine decoded tokens
+    reference, reference_cache, calls = decode("torch")
+    assert calls == 0
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-4)
+    for layer in (0, 2):
+        mine, theirs = fused_cache.layers[layer], reference_cache.layers[layer]
+        torch.testing.assert_close(mine.recurrent_states[0], theirs.recurrent_states[0], atol=1e-5, rtol=1e-4)
+        if mixer.get("conv", 4):   # the conv state, and the token count transformers keeps beside it
+            torch.testing.assert_close(mine.conv_states[0], theirs.conv_states[0], atol=1e-6, rtol=1e-5)
+            assert int(mine.cumulative_length_linear) == int(theirs.cumulative_length_linear) == 15

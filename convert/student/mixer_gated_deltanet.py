@@ -56,6 +56,10 @@ class GatedDeltaNet(Mixer):
                 part.reset_parameters()
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
+        fused = self.fused_decode(x, position_embeddings, valid, cache, mode="delta",
+                                  logit_linears=[self.beta_proj, self.decay_proj], a_log=self.A_log)
+        if fused is not None:
+            return fused
         q, k, v = self.project(x, position_embeddings, cache, packed, valid)
         q = F.normalize(q.float(), dim=-1)
         k = F.normalize(self.expand(k).float(), dim=-1)

@@ -61,6 +61,10 @@ class Mamba2(Mixer):
                 part.reset_parameters()
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
+        fused = self.fused_decode(x, position_embeddings, valid, cache, mode="decay", logit_linears=[self.dt_proj],
+                                  a_log=self.A_log, d_skip=self.D_skip)
+        if fused is not None:
+            return fused
         q, k, v = self.project(x, position_embeddings, cache, packed, valid)
         dt = F.softplus(self.dt_proj(x).float())                           # [B,T,H]
         if valid is not None:

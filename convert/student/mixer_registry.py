@@ -56,6 +56,11 @@ except ImportError:  # exported student without rnnify installed: fla's kernels 
         return _step(op, q, k, v, log_decay, beta, **kw)
 
 
+try:  # rnnify's kernels: a gated recurrent mixer's decode step fused into one C call on CPU (else the torch ops)
+    from rnnify_kernels import ssm_step
+except ImportError:
+    ssm_step = None
+
 MIXERS: dict[str, "type[Mixer]"] = {}
 
 
@@ -308,6 +313,51 @@ class Mixer(nn.Module):
                                      output_final_state=cache is not None, scale=scale)
         self.write_state(cache, new_state)
         return o
+
+    def fused_decode(self, x, position_embeddings, valid, cache, *, mode: str, logit_linears: list, a_log,
+                     d_skip=None):
+        """One decode step after the projections: conv, RoPE, recurrence, gate and norm in one C call
+        (``rnnify_kernels.ssm_step``, ``mode`` "delta" or "decay"), the cache's conv and recurrent states updated in
+        place -> [B, 1, H, D].  ``logit_linears``: β's and the decay's (delta) or dt's (decay) projections.  None
+        where it cannot run (the caller runs its PyTorch step, which computes the same): not one token over a cached
+        state, gradients wanted, not fp32 on CPU, a cache recording its past, a RoPE other than rotate-half, or no
+        built C step."""
+        if ssm_step is None or cache is None or x.shape[1] != 1 or x.device.type != "cpu" or (
+                x.dtype != torch.float32) or torch.is_grad_enabled():
+            return None
+        layer = cache.layers[self.layer_idx]
+        state = self.read_state(cache)
+        conv_state = None
+        if self.conv is not None:
+            if not (layer.is_conv_states_initialized[0] and layer.has_previous_state[0]) or layer.record_past:
+                return None
+            conv_state = layer.conv_states[0]
+            if conv_state.shape[-1] != self.conv.kernel_size:
+                return None
+        rope = self.opts["rope"] and position_embeddings is not None
+        if state is None or (rope and self.arch.rope != "rotate_half"):
+            return None
+        B = x.shape[0]
+        q, k, v = self.arch.project_qkv(self.attn, x, self.config)
+        qkv = torch.cat([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], dim=-1).float()
+        if not ssm_step.usable(qkv, state, conv_state, self.num_kv_heads):
+            return None
+        logits = [linear(x).reshape(B, -1).float().contiguous() for linear in logit_linears]
+        z = None if self.gate is None else self.gate.proj(x).reshape(B, -1).float().contiguous()
+        cos, sin = (e[:, 0].float().contiguous() for e in position_embeddings) if rope else (None, None)
+
+        def param(t):
+            return None if t is None else t.detach().float().contiguous()
+
+        o = ssm_step.decode_step(
+            qkv, state, logits[0], param(a_log), param(self.norm.weight), param(self.norm.bias),
+            mode=mode, heads=self.num_heads, kv_heads=self.num_kv_heads, scale=self.head_dim ** -0.5,
+            eps=self.norm.eps, conv_state=conv_state, conv_weight=None if conv_state is None else param(self.conv.weight),
+            decay_logit=logits[1] if len(logits) > 1 else None, d_skip=param(d_skip), z=z,
+            valid=None if valid is None else valid[:, -1].float().contiguous(), cos=cos, sin=sin)
+        if conv_state is not None:   # the token update_conv_state would have counted (transformers' helper for it)
+            layer.increase_count(0)
+        return o[:, None]
 
     def keep_teacher_attention(self) -> None:
         """Keep a frozen copy of the teacher's attention as it is now, for ``teacher_mode`` (and for giving the

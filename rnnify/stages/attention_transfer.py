@@ -24,6 +24,9 @@ class AttentionTransferStage(TrainingStage):
     train_window: Annotated[int, Field(gt=0)] | None = Field(
         None, description="windowed mixers train with this shorter softmax window (older keys go to the recurrent "
                           "state), so that the feature maps learn to carry context; null: the mixer's own window")
+    gradient_checkpointing: bool = Field(
+        False, description="each layer's loss runs again in the backward pass, one layer at a time: the stage holds "
+                           "one layer's activations instead of every layer's (same gradients, ~1/3 more compute)")
 
     @model_validator(mode="after")
     def _projection_lr_needs_projections(self):
@@ -36,7 +39,8 @@ def run(student, section: AttentionTransferStage, rows, held, out_dir, opts):
     from distill.attention_transfer import train_attention_transfer
     summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=opts, eval_rows=held,
                                        trainable=section.trainable, projection_lr=section.projection_lr,
-                                       block_weight=section.block_weight, train_window=section.train_window)
+                                       block_weight=section.block_weight, train_window=section.train_window,
+                                       gradient_checkpointing=section.gradient_checkpointing)
     return student, summary
 
 
