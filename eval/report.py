@@ -20,13 +20,17 @@ def headline_metric(metrics: dict) -> str | None:
 
 
 def perplexity_rows(report: dict) -> list[tuple[str, float, float | None]]:
-    """(point, held-out perplexity, unseen-domain perplexity or None) at every evaluated point."""
+    """(point, held-out perplexity, unseen-domain perplexity or None) at every evaluated point.  Points measured on
+    other tokens than the teacher's (null after ``convert eval`` with another text) are left out; the saved student,
+    measured again, then has its own row."""
     ppl = report["perplexity"]
     unseen = (report.get("unseen") or {}).get("perplexity", {})
-    rows = [("teacher", ppl["teacher"], unseen.get("teacher")),
-            ("student after init", ppl["student_after_init"], unseen.get("student_after_init"))]
-    rows += [(f"after stage {i} ({s['name']})", s["perplexity"], s.get("unseen_perplexity"))
-             for i, s in enumerate(report.get("stages", []))]
+    points = [("student after init", ppl.get("student_after_init"), unseen.get("student_after_init"))]
+    points += [(f"after stage {i} ({s['name']})", s.get("perplexity"), s.get("unseen_perplexity"))
+               for i, s in enumerate(report.get("stages", []))]
+    rows = [("teacher", ppl["teacher"], unseen.get("teacher"))] + [p for p in points if p[1] is not None]
+    if any(p[1] is None for p in points):
+        rows.append(("student (saved), evaluated again", ppl["student"], unseen.get("student")))
     return rows
 
 

@@ -353,6 +353,16 @@ def test_eval_command_reevaluates_a_finished_run(run_dir, tmp_path, cli, monkeyp
     assert after["stages"] == before["stages"] and after["tasks"]["student"]["piqa_offline"]["samples"] == 4
     assert sorted({r["context"] for r in after["speed"]["rows"]}) == [16, 64]
     assert "| 64 |" in (out / "REPORT.md").read_text()
+    # other held-out tokens: the run's points after init and after each stage are not set against this teacher
+    code, _, stderr = cli("eval", REPO / "tests/recipes/tiny.yaml", f"output_dir={out}", "eval.max_tokens=1024",
+                          "eval.tasks=[]", "eval.speed=null")
+    assert code == 0, stderr[-3000:]
+    other = json.loads((out / "report.json").read_text())
+    assert other["perplexity_tokens"] == 1024 and other["perplexity"]["student_after_init"] is None
+    assert [stage["perplexity"] for stage in other["stages"]] == [None] * len(before["stages"])
+    table = (out / "REPORT.md").read_text().split("## Perplexity")[1].split("##")[0]
+    assert "student after init" not in table and "after stage" not in table
+    assert f"| student (saved), evaluated again | {other['perplexity']['student']:.2f} |" in table
     code, _, stderr = cli("eval", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'none'}")
     assert code == 2 and "has no finished run" in stderr
 

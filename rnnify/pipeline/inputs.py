@@ -108,6 +108,15 @@ def heldout_windows(recipe: Recipe, tokenizer) -> list:
                             tokenizer=tokenizer)
 
 
+def windows_digest(windows: list) -> str:
+    """A short digest of perplexity windows' token ids: tells whether two evaluations scored the same tokens."""
+    import hashlib
+    digest = hashlib.sha256()
+    for window in windows:
+        digest.update(b"|" + ",".join(str(int(t)) for t in window).encode())
+    return digest.hexdigest()[:16]
+
+
 def unseen_windows(recipe: Recipe, tokenizer) -> tuple[str, list] | None:
     """(source, windows) of the second domain (``Recipe.unseen_text``), cut like eval.text's; None without one."""
     text = recipe.unseen_text()

@@ -20,7 +20,7 @@ from ..store import write_json_atomically
 from .budget_curve import run_budget_curve
 from .evaluation import Evaluation
 from .inputs import all_stage_rows, check_tasks, heldout_windows, is_hub_dataset, load_teacher, position_windows, \
-    process_state, resolve_device, unseen_windows, validate
+    process_state, resolve_device, unseen_windows, validate, windows_digest
 from .training import build_student, conversion_fingerprint, run_stages
 
 log = logging.getLogger("rnnify.pipeline")
@@ -150,6 +150,7 @@ def _run(recipe_path: str, overrides: list[str]) -> dict:
     report = {
         "perplexity": ppl,
         "perplexity_tokens": sum(len(w) for w in windows),
+        "perplexity_windows": windows_digest(windows),
         "eval_text": recipe.eval.text.source,
         "unseen": unseen_report(unseen, unseen_ppl),
         "teacher": recipe.teacher,
@@ -182,18 +183,33 @@ def evaluate_saved(recipe_path: str, overrides: list[str] = ()) -> dict:
     """``convert eval``: evaluation only, on the teacher and the saved ``<output_dir>/student`` of a finished run.
 
     Perplexity, the recipe's lm-eval tasks and speed/memory are measured again (the recipe's ``eval:``
-    section as it is now); the training stages of report.json are kept; REPORT.md is rewritten.
+    section as it is now); the training stages of report.json are kept; REPORT.md is rewritten.  The perplexities
+    the run measured after init and after each stage stay only where the evaluation scores the same tokens as the
+    run's did (text and windows); otherwise they are dropped (null), not shown against a teacher measured on other
+    tokens.
     """
     with located(recipe_path):
         return _evaluate_saved(recipe_path, overrides)
 
 
 def unseen_report(unseen: tuple[str, list] | None, perplexities: dict) -> dict | None:
-    """report.json's ``unseen``: the second domain's source, its token count and ``perplexities`` (None without one)."""
+    """report.json's ``unseen``: the second domain's source, its token count, a digest of its windows and
+    ``perplexities`` (None without one)."""
     if unseen is None:
         return None
     source, windows = unseen
-    return {"text": source, "tokens": sum(len(w) for w in windows), "perplexity": perplexities}
+    return {"text": source, "tokens": sum(len(w) for w in windows), "windows": windows_digest(windows),
+            "perplexity": perplexities}
+
+
+def _same_windows(measured: dict | None, source: str, windows: list) -> bool:
+    """Whether a run's evaluation (``measured``: its text, token count and, since it was recorded, windows digest)
+    scored the same tokens as ``windows`` of ``source``."""
+    if not measured:
+        return False
+    digest = measured.get("windows")
+    return (measured.get("text") == source and measured.get("tokens") == sum(len(w) for w in windows)
+            and (digest is None or digest == windows_digest(windows)))
 
 
 def _evaluate_saved(recipe_path: str, overrides: list[str]) -> dict:
@@ -217,11 +233,29 @@ def _evaluate_saved(recipe_path: str, overrides: list[str]) -> dict:
     student = AutoModelForCausalLM.from_pretrained(out / "student", dtype=getattr(torch, recipe.dtype),
                                                    trust_remote_code=True)
     student = student.to(device).eval()
+    measured = {"text": report.get("eval_text"), "tokens": report.get("perplexity_tokens"),
+                "windows": report.get("perplexity_windows")}
+    if not _same_windows(measured, recipe.eval.text.source, windows):   # the run's points scored other tokens
+        report["perplexity"]["student_after_init"] = None
+        for stage in report.get("stages", []):
+            stage["perplexity"] = None
+        if report.get("budget_curve"):   # its students are not saved: they cannot be measured again
+            report["budget_curve"] = None
+        log.info("eval: the held-out tokens differ from the run's: its perplexities after init and after each "
+                 "stage are left out of the report (only the teacher and the saved student are measured again)")
+    earlier_unseen = report.get("unseen") or {}
+    unseen_points = {key: value for key, value in earlier_unseen.get("perplexity", {}).items()
+                     if key == "student_after_init"}
+    if unseen is not None and not _same_windows(earlier_unseen, *unseen):
+        unseen_points = {}
+        for stage in report.get("stages", []):
+            stage.pop("unseen_perplexity", None)
     report["perplexity"]["teacher"] = teacher_point["perplexity"]
     report["perplexity"]["student"] = evaluation.perplexity(student, "student")
     report["perplexity_tokens"] = sum(len(w) for w in windows)
+    report["perplexity_windows"] = windows_digest(windows)
     report["eval_text"] = recipe.eval.text.source
-    report["unseen"] = unseen_report(unseen, {"teacher": teacher_point["unseen_perplexity"],
+    report["unseen"] = unseen_report(unseen, {**unseen_points, "teacher": teacher_point["unseen_perplexity"],
                                               "student": evaluation.unseen_perplexity(student, "student")})
     student_tasks = None
     if "student" in recipe.eval.tasks_at:
