@@ -480,6 +480,18 @@ def test_hedgehog_sink_is_on_with_a_window_and_needs_one(tmp_path):
     assert recipe.convert.mixer.sink is False
 
 
+def test_hedgehog_mixing_is_shared_by_default_and_separate_needs_a_window(tmp_path):
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "window": 64}})))
+    assert recipe.convert.mixer.mixing == "shared"
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "window": 64,
+                                                                     "mixing": "separate"}})))
+    assert recipe.convert.mixer.mixing == "separate"
+    msg = error_of(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "mixing": "separate"}}))
+    assert msg.endswith("convert.mixer: mixing: separate needs window (it mixes the window and linear parts)")
+    msg = error_of(tmp_path, with_({"convert.mixer": {"type": "hedgehog", "window": 64, "mixing": "average"}}))
+    assert "convert.mixer.mixing" in msg and "'shared' or 'separate'" in msg
+
+
 def test_ssm_mixers_take_a_short_conv_and_a_gate(tmp_path):
     for mixer in ("mamba2", "gated_deltanet"):
         recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": mixer}})))

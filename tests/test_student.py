@@ -775,3 +775,61 @@ def test_recurrent_decode_step_fused_equals_the_pytorch_step(monkeypatch, mixer)
         if mixer.get("conv", 4):   # the conv state, and the token count transformers keeps beside it
             torch.testing.assert_close(mine.conv_states[0], theirs.conv_states[0], atol=1e-6, rtol=1e-5)
             assert int(mine.cumulative_length_linear) == int(theirs.cumulative_length_linear) == 15
+
+
+def test_separate_mixing_normalises_window_and_linear_parts_on_their_own():
+    """``mixing: separate`` (Liger-style): o_t = f·softmax-window average + (1−f)·φ-weighted average of the keys
+    that left the window, each with its own normaliser (the window alone before any key has left it), computed
+    directly from q, k, v and the feature maps for every position, against the layer's prefill."""
+    W = 4
+    student = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": W, "sink": False,
+                                                               "mixing": "separate"}, [0, 1, 2]))
+    mixer = student.model.layers[1].self_attn
+    T = 11
+    x = torch.randn(2, T, student.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pe = student.model.rotary_emb(x, position_ids=torch.arange(T)[None])
+        o = mixer.mix(x, pe, None, None)                                       # [B,T,H,D]
+        q, k, v = mixer.project(x, pe)
+        k, v = mixer.expand(k), mixer.expand(v)
+        phi_q, phi_k = mixer.feature_map(q, mixer.feature_q), mixer.feature_map(k, mixer.feature_k)
+        scores = torch.einsum("bthd,bshd->bhts", q, k) * mixer.attn.scaling
+        linear = torch.einsum("bthf,bshf->bhts", phi_q, phi_k)
+        f = torch.sigmoid(mixer.window_factor)[None, :, None]
+        expected = torch.empty_like(o)
+        for t in range(T):
+            window = scores[:, :, t, max(0, t - W + 1):t + 1].softmax(-1)
+            part = torch.einsum("bhs,bshd->bhd", window, v[:, max(0, t - W + 1):t + 1])
+            if t >= W:
+                weights = linear[:, :, t, :t - W + 1]
+                old = torch.einsum("bhs,bshd->bhd", weights / weights.sum(-1, keepdim=True), v[:, :t - W + 1])
+                part = f * part + (1 - f) * old
+            expected[:, t] = part
+    torch.testing.assert_close(o, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [3, 9], ids=["decode-from-inside-the-window", "decode-after-blocked-prefill"])
+def test_separate_mixing_decodes_and_packs_as_its_parallel_form(split):
+    """With a sink, separate mixing gives the same logits through prefill + decode (the PyTorch step: the fused C
+    step mixes with one normaliser and is not used) and for packed documents as alone."""
+    from rnnify_kernels import hedgehog_window
+    student = randomize_mixers(convert(make_teacher("llama"), {"type": "hedgehog", "window": 4, "sink": True,
+                                                               "mixing": "separate"}, [0, 2],
+                                       attention_window=6, attention_sink=True))
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(0))
+    calls = []
+    fused = hedgehog_window.DecodeStep.__call__
+    hedgehog_window.DecodeStep.__call__ = lambda *a, **kw: calls.append(1) or fused(*a, **kw)
+    try:
+        with torch.no_grad():
+            full = student(ids, use_cache=False).logits
+            stepped = prefill_then_decode_logits(student, ids, split=split)
+    finally:
+        hedgehog_window.DecodeStep.__call__ = fused
+    assert not calls
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+    pos = torch.cat([torch.arange(7), torch.arange(10)])[None].expand(2, -1)
+    with torch.no_grad():
+        packed = student(ids, position_ids=pos, use_cache=False).logits
+        alone = torch.cat([student(ids[:, :7], use_cache=False).logits, student(ids[:, 7:], use_cache=False).logits], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)

@@ -145,7 +145,8 @@ class RingDecoding:
             self._push_slot(layer, state, slot, self._per_row(c, "feature_k", B))
             self._write_sink(layer, state, c)
             push = False
-        fused = self._fused_step(layer, state, c) if not self.recurrent_off and x.dtype == torch.float32 else None
+        fused = (self._fused_step(layer, state, c) if not self.recurrent_off and x.dtype == torch.float32
+                 and self.opts["mixing"] == "shared" else None)   # the C step mixes with one normaliser
         if fused is not None:
             rope_in_step = self.opts["rope"] and position_embeddings is not None and self.arch.rope == "rotate_half"
             q, k, v = self.project(x, None if rope_in_step else position_embeddings)
@@ -170,5 +171,8 @@ class RingDecoding:
         m = scores.amax(-1, keepdim=True).clamp_(min=torch.finfo(scores.dtype).min)    # all-masked rows -> 0
         window = torch.bmm((scores - m).exp_(), values.view(B * Hkv, W + 1, -1)).view(B * H, 1, -1)
         share = self._per_row(c, "share", B)
+        if self.opts["mixing"] == "separate":
+            f = torch.ones_like(share) if self.recurrent_off else share
+            return self.mix_separately(window, lin, f, self.opts["eps"]).view(B, 1, H, -1)
         mixed = window if self.recurrent_off else torch.lerp(lin, window, share)   # ablation: window only
         return (mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])).view(B, 1, H, -1)

@@ -5,6 +5,10 @@
     window N: softmax weights e_tj = exp(q_t·k_j/√D - m_t) on the last N keys (t-N < j ≤ t) and
               φ weights on the older ones (j ≤ t-N), mixed by a learnable per-head factor f = σ(w):
     o_t = (f Σ_win e_tj v_j + (1-f) Σ_old φ(q_t)·φ(k_j) v_j) / (f Σ_win e_tj + (1-f) Σ_old φ(q_t)·φ(k_j))
+(``mixing: shared``, LoLCATs: one normaliser, so the linear part's share of a row depends on how much weight it
+holds), or (``mixing: separate``, Liger-style) each part normalised on its own and then mixed,
+    o_t = f Σ_win e_tj v_j / Σ_win e_tj + (1-f) Σ_old φ(q_t)·φ(k_j) v_j / Σ_old φ(q_t)·φ(k_j)
+(f = 1 while no key has left the window), so the linear part always contributes its share (1-f) of the output.
 The linear sums are a decay_scalar recurrence with zero log decay over values [v, 1] (numerator
 and denominator in one state); with a window, keys enter that state only once they leave the window.
 sink (with a window): once keys have left the window, the softmax part also scores one learned key k_s
@@ -12,6 +16,8 @@ with value v_s per KV head (calibrated to the teacher's first-token key/value), 
 teacher keeps on the first token stays exact instead of being left to the feature maps.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,12 +36,17 @@ class Hedgehog(RingDecoding, Mixer):
                "sink": Option(None, bool, "with window: the softmax part also scores a learned stand-in for the "
                                           "first token (the teacher's attention sink) once keys have left the "
                                           "window; default: on with a window", optional=True),
-               "eps": Option(1e-6, float, "normaliser floor of the linear part", gt=0)}
+               "eps": Option(1e-6, float, "normaliser floor of the linear part", gt=0),
+               "mixing": Option("shared", Literal["shared", "separate"],
+                                "with window: shared = one normaliser over window and linear weights (LoLCATs); "
+                                "separate = each part normalised, then mixed by the learned share (Liger-style)")}
 
     @classmethod
     def check_options(cls, opts):
         if opts["sink"] and not opts["window"]:
             raise ValueError("sink needs window (the sink is scored in the sliding-window softmax part)")
+        if opts["mixing"] != "shared" and not opts["window"]:
+            raise ValueError("mixing: separate needs window (it mixes the window and linear parts)")
         return {**opts, "sink": bool(opts["window"]) if opts["sink"] is None else opts["sink"]}
 
     @classmethod
@@ -237,8 +248,20 @@ class Hedgehog(RingDecoding, Mixer):
         f = torch.sigmoid(self.window_factor.float())[:, None]             # [H,1]
         if self.recurrent_off:   # the ablation: window (and sink) only
             f = torch.ones_like(f)
+        if self.opts["mixing"] == "separate":
+            return self.mix_separately(sw, lin, f, self.opts["eps"])
         mixed = f * sw + (1 - f) * lin
         return mixed[..., :-1] / (mixed[..., -1:] + self.opts["eps"])
+
+    @staticmethod
+    def mix_separately(sw, lin, f, eps: float):
+        """``mixing: separate``: window sums sw and linear sums lin [..., Dv+1] (numerator | denominator), each
+        normalised, then mixed by the share f (broadcasting to [..., 1]) -> [..., Dv]; the window alone where no key
+        has left it (the linear denominator is 0 there: φ > 0 for every real key)."""
+        window = sw[..., :-1] / sw[..., -1:].clamp_min(torch.finfo(sw.dtype).tiny)
+        linear = lin[..., :-1] / (lin[..., -1:] + eps)
+        f = torch.where(lin[..., -1:] > 0, f, torch.ones_like(f))
+        return f * window + (1 - f) * linear
 
     def _prefill_blocks(self, q, k, v1, phi_q, phi_k, final_state: bool):
         """Window and linear sums of a prompt from an empty state, in blocks of W queries (T > W): block n's
