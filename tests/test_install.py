@@ -55,8 +55,9 @@ def test_wheel_installs_only_our_import_names_and_runs_beside_hugging_faces_kern
     assert top == OUR_IMPORT_NAMES
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert set(zipfile.ZipFile(wheel).read(top_level).decode().split()) == OUR_IMPORT_NAMES
-    # what the folders hold besides Python: the fused step's C source and the offline lm-eval task files
-    assert "rnnify_kernels/hedgehog_window/step.c" in names and "eval/tasks/piqa_offline.yaml" in names
+    # what the folders hold besides Python: the fused steps' C sources and the offline lm-eval task files
+    assert {"rnnify_kernels/hedgehog_window/step.c", "rnnify_kernels/ssm_step/step.c",
+            "eval/tasks/piqa_offline.yaml"} <= set(names)
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target",
                               str(target), str(wheel)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
