@@ -98,6 +98,7 @@ class AttentionTransferLoss(nn.Module):
         position_embeddings = student.model.rotary_emb(hidden, position_ids=position_ids)
         packed = student.packed_sequences(position_ids)
         losses, relative, block_losses = [], [], []
+
         def mixer_mse(x, y, mixer):
             y_hat = mixer(x, position_embeddings=position_embeddings, attention_mask=packed)[0]
             return (y_hat.float() - y.float()).pow(2).mean()
@@ -111,12 +112,11 @@ class AttentionTransferLoss(nn.Module):
 
         for i, mixer in mixers.items():
             x, y = capture[i]
-            mse = self._run(lambda x, y, mixer=mixer: mixer_mse(x, y, mixer), x, y)
+            mse = self._run(mixer_mse, x, y, mixer)
             losses.append(mse)
             relative.append(mse.detach() / y.float().pow(2).mean().clamp_min(1e-12))
             if self.block_weight:
-                block = student.model.layers[i]
-                block_losses.append(self._run(lambda h, z, block=block: block_loss(h, z, block), *blocks[i]))
+                block_losses.append(self._run(block_loss, *blocks[i], student.model.layers[i]))
         losses = torch.stack(losses)
         loss = losses.mean()
         block = None
