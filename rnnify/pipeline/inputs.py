@@ -2,6 +2,7 @@
 lm-eval tasks a recipe names, and every stage's packed rows.  ``validate`` is all of it without the rows."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from datetime import timedelta
 
@@ -110,7 +111,6 @@ def heldout_windows(recipe: Recipe, tokenizer) -> list:
 
 def windows_digest(windows: list) -> str:
     """A short digest of perplexity windows' token ids: tells whether two evaluations scored the same tokens."""
-    import hashlib
     digest = hashlib.sha256()
     for window in windows:
         digest.update(b"|" + ",".join(str(int(t)) for t in window).encode())

@@ -19,13 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, N, D] rotated over its first R dims by cos/sin [B or 1, R] (rotate-half pairs d, d + R/2)."""
-    R = cos.shape[-1]
-    x_rot, x_pass = x[..., :R], x[..., R:]
-    half = torch.cat([-x_rot[..., R // 2:], x_rot[..., :R // 2]], dim=-1)
-    return torch.cat([x_rot * cos[:, None] + half * sin[:, None], x_pass], dim=-1)
+from ..hedgehog_window.naive import rope   # the same rotate-half RoPE as the Hedgehog step's reference
 
 
 def naive(qkv: Tensor, state: Tensor, gate_logit: Tensor, a_log: Tensor, norm_weight: Tensor, norm_bias: Tensor,
