@@ -51,6 +51,23 @@ def projection_parameters(student) -> list[tuple[str, nn.Parameter]]:
             for n, p in m.named_parameters() if n.startswith("attn.")]
 
 
+def held_fixed(student, frozen: list[str]) -> set[int]:
+    """ids of the mixer parameters ``frozen`` names (a parameter's name inside its mixer, or a module's name for all
+    of its parameters: ``conv`` holds ``conv.weight``); ValueError naming the names that match nothing."""
+    if not frozen:
+        return set()
+    names = {n.split(".", 2)[2] for n, _ in mixer_parameters(student)}   # "layers.3.conv.weight" -> "conv.weight"
+
+    def matches(name, pattern):
+        return name == pattern or name.startswith(pattern + ".")
+
+    unknown = [f for f in frozen if not any(matches(n, f) for n in names)]
+    if unknown:
+        roots = sorted({n.split(".")[0] for n in names})
+        raise ValueError(f"{unknown} name no parameter of this student's mixers; they have {roots}")
+    return {id(p) for n, p in mixer_parameters(student) if any(matches(n.split(".", 2)[2], f) for f in frozen)}
+
+
 class AttentionTransferLoss(nn.Module):
     """Wraps the student so that one module's forward computes the loss (what DDP needs to sync gradients)."""
 
@@ -148,18 +165,20 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
 def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions, eval_rows=None,
                              trainable: str = "mixers", projection_lr: float | None = None,
                              block_weight: float = 0.0, train_window: int | None = None,
-                             gradient_checkpointing: bool = False) -> dict:
+                             gradient_checkpointing: bool = False, frozen: list[str] = ()) -> dict:
     """Train every mixer on its layer's attention output over ``rows`` (packed rows, one pass).
 
     ``trainable``: ``mixers`` (their added parameters) or ``attention`` (also the projections inside them, at
     ``projection_lr``, default ``opts.lr``); ``block_weight``: weight of the block-output alignment loss;
     ``train_window``: windowed mixers train with this shorter softmax window (``student.mixer_window``), so that
     keys beyond it reach the output only through the feature maps and the recurrent state;
-    ``gradient_checkpointing``: each layer's loss is recomputed in the backward pass instead of kept (module docstring).
+    ``gradient_checkpointing``: each layer's loss is recomputed in the backward pass instead of kept (module docstring);
+    ``frozen``: mixer parameters held fixed in this stage (``held_fixed``).
     Writes ``log.jsonl``, ``loss.png`` and ``layer_errors.json`` (per layer: MSE and relative MSE on
     ``eval_rows`` before and after) into ``out_dir``; returns the stage summary.
     """
-    groups = [{"params": [p for _, p in mixer_parameters(student)]}]
+    fixed = held_fixed(student, list(frozen))
+    groups = [{"params": [p for _, p in mixer_parameters(student) if id(p) not in fixed]}]
     if trainable == "attention":
         for mixer in mixer_modules(student).values():
             mixer.keep_teacher_attention()   # before any update (and before a checkpoint is restored)

@@ -21,7 +21,8 @@ ARCH_CONFIGS = {
     "phi3": dict(TINY, pad_token_id=0),
 }
 MIXERS = [{"type": "hedgehog"}, {"type": "hedgehog", "window": 5}, {"type": "hedgehog", "window": 5, "sink": True},
-          {"type": "mamba2"}, {"type": "gla"}, {"type": "gated_deltanet"}]
+          {"type": "mamba2"}, {"type": "mamba2", "feature_map": "hedgehog", "normalise": True, "norm": False},
+          {"type": "gla"}, {"type": "gated_deltanet"}]
 
 
 def make_teacher(arch: str, **overrides):

@@ -45,6 +45,23 @@ def test_attention_transfer_lowers_every_layer_error_and_trains_only_mixers(tmp_
     assert json.loads((tmp_path / "layer_errors.json").read_text())["2"]["after"]["mse"] > 0
 
 
+def test_frozen_mixer_parameters_stay_and_the_rest_train_and_unknown_names_are_refused(tmp_path):
+    """HedgeMamba's first stage: decay, conv, gate and skip held; the feature maps learn."""
+    from distill.attention_transfer import held_fixed
+    student = convert(make_teacher("llama"), {"type": "mamba2", "feature_map": "hedgehog", "normalise": True,
+                                              "norm": False, "rope": True}, [0, 2])
+    before = {n: p.clone() for n, p in mixer_parameters(student)}
+    frozen = ["A_log", "dt_proj", "conv", "gate", "D_skip"]
+    train_attention_transfer(student, rows(), out_dir=tmp_path, opts=TrainOptions(lr=3e-2, batch_size=4),
+                             frozen=frozen)
+    for name, p in mixer_parameters(student):
+        held = name.split(".", 2)[2].split(".")[0] in frozen
+        assert torch.equal(p, before[name]) == held, name
+    with pytest.raises(ValueError, match=r"\['decay'\] name no parameter of this student's mixers; they have "
+                                         r"\['A_log', 'D_skip', 'conv', 'dt_proj', 'feature_k', 'feature_q', 'gate'\]"):
+        held_fixed(student, ["conv", "decay"])
+
+
 def test_layer_errors_measure_each_converted_layer():
     student = convert(make_teacher("llama"), {"type": "gla"}, [1])
     errors = layer_errors(student, rows(6), batch_size=2)

@@ -412,6 +412,14 @@ def test_lora_targets_that_match_nothing_stop_the_run_before_training(tmp_path, 
         in stderr and not (tmp_path / "out" / "stages").exists()
 
 
+def test_frozen_names_that_match_no_mixer_parameter_stop_the_run_before_training(tmp_path, cli):
+    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
+                          "stages.0.frozen=[A_log]")
+    assert code == 2 and "Traceback" not in stderr
+    assert "tiny.yaml: stages[0].frozen: ['A_log'] name no parameter of this student's mixers; they have" \
+        in stderr and not (tmp_path / "out" / "stages").exists()
+
+
 def full_logits_perplexity(model, windows):
     """The definition: every window's whole logits, mean NLL of each next token."""
     nll, count = 0.0, 0

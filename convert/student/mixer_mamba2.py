@@ -8,14 +8,25 @@ New parameters: the short convolution (``conv`` taps, starting as a pass-through
 bias so dt spans [dt_min, dt_max] log-uniformly across heads, Mamba2's init), A_log (log of 1..16), D_skip
 (ones), the output gate (``gate``; starts at 1) and the per-head output norm's gain g and bias b (fitted to the
 teacher's attention output by ``calibrate_output_norms``).
+
+``feature_map: hedgehog`` (HedgeMamba, "Attention to Mamba", arXiv 2604.14191): C = φ_q(q), B = φ_k(k) with
+Hedgehog's feature maps φ(x) = [softmax(xW), softmax(−xW)] (W [D, F] per head, identity at first), a state of
+2F × D per head and no 1/√D.  ``normalise``: y_t is divided by the same recurrence run over ones,
+y_t = Σ_s w_ts x_s / Σ_s w_ts with w_ts = C_t·B_s dt_s Π a, the skip starting closed (D_skip = 0).  With both, a
+decay near 1 (``a_init_range`` near 0) and ``norm: false``, the layer starts as windowless Hedgehog linear
+attention, exactly while dt is constant per head: the aligned linear attention a pure Mamba2 student is initialised
+from, whose decay, conv and gate training then releases (``attention_transfer``'s ``frozen``).
 """
 from __future__ import annotations
 
+
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .mixer_hedgehog import Hedgehog
 from .mixer_registry import HeadRMSNorm, Mixer, Option, OutputGate, check_dt_range, decay_init, register_mixer
 
 
@@ -28,12 +39,25 @@ class Mamba2(Mixer):
                "dt_max": Option(0.1, float, "largest initial step size", gt=0),
                "a_init_range": Option((1.0, 16.0), tuple[float, float], "range of exp(A_log) across heads"),
                "conv": Option(4, int, "short causal conv taps on x/B/C (0: none)", ge=0, le=16),
-               "gate": Option(True, bool, "output gate silu(W_z h) before the output norm")}
+               "gate": Option(True, bool, "output gate silu(W_z h) before the output norm"),
+               "feature_map": Option("identity", Literal["identity", "hedgehog"],
+                                     "identity: C = q, B = k; hedgehog: C, B = Hedgehog's learned feature maps of "
+                                     "q, k (HedgeMamba)"),
+               "feature_dim": Option(None, int, "with feature_map: hedgehog, the feature map width F (default "
+                                                "head_dim)", gt=0, optional=True),
+               "normalise": Option(False, bool, "divide y by the recurrence's total weight (linear attention's "
+                                                "normaliser; needs feature_map: hedgehog); the skip starts at 0"),
+               "norm": Option(True, bool, "the per-head output RMSNorm with gain and bias")}
 
     @classmethod
     def check_options(cls, opts):
         if min(opts["a_init_range"]) <= 0:
             raise ValueError(f"a_init_range: both ends must be above 0 (got {list(opts['a_init_range'])})")
+        if opts["normalise"] and opts["feature_map"] != "hedgehog":
+            raise ValueError("normalise needs feature_map: hedgehog (the weights C·B must be positive to be "
+                             "normalised)")
+        if opts["feature_dim"] is not None and opts["feature_map"] != "hedgehog":
+            raise ValueError("feature_dim needs feature_map: hedgehog")
         return check_dt_range(opts)
 
     def __init__(self, attn, arch, config, options, layer_idx):
@@ -44,7 +68,12 @@ class Mamba2(Mixer):
         self.A_log = nn.Parameter(torch.empty(H))
         self.D_skip = nn.Parameter(torch.ones(H))
         self.gate = OutputGate(config.hidden_size, H, D) if self.opts["gate"] else None
-        self.norm = HeadRMSNorm(H, D, eps=getattr(config, "rms_norm_eps", 1e-6))
+        self.norm = HeadRMSNorm(H, D, eps=getattr(config, "rms_norm_eps", 1e-6)) if self.opts["norm"] else None
+        self.hedgehog = self.opts["feature_map"] == "hedgehog"
+        if self.hedgehog:
+            F_ = self.opts["feature_dim"] or D
+            self.feature_q = nn.Parameter(torch.empty(H, D, F_))
+            self.feature_k = nn.Parameter(torch.empty(H, D, F_))
         self.reset_rnnify_parameters()
 
     def reset_rnnify_parameters(self):
@@ -55,25 +84,38 @@ class Mamba2(Mixer):
             bias, a_log = decay_init(H, self.opts["dt_min"], self.opts["dt_max"], (lo, hi))
             self.dt_proj.bias.copy_(bias)
             self.A_log.copy_(a_log)
-            self.D_skip.fill_(1.0)
+            self.D_skip.fill_(0.0 if self.opts["normalise"] else 1.0)
+            if self.hedgehog:
+                D, F_ = self.feature_q.shape[1:]
+                self.feature_q.copy_(torch.eye(D, F_).repeat(H, 1, 1))
+                self.feature_k.copy_(torch.eye(D, F_).repeat(H, 1, 1))
         for part in (self.conv, self.gate, self.norm):
             if part is not None:
                 part.reset_parameters()
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
-        fused = self.fused_decode(x, position_embeddings, valid, cache, mode="decay", logit_linears=[self.dt_proj],
-                                  a_log=self.A_log, d_skip=self.D_skip)
-        if fused is not None:
-            return fused
+        if not self.hedgehog and self.norm is not None:   # the C step: identity feature map, output norm
+            fused = self.fused_decode(x, position_embeddings, valid, cache, mode="decay",
+                                      logit_linears=[self.dt_proj], a_log=self.A_log, d_skip=self.D_skip)
+            if fused is not None:
+                return fused
         q, k, v = self.project(x, position_embeddings, cache, packed, valid)
         dt = F.softplus(self.dt_proj(x).float())                           # [B,T,H]
         if valid is not None:
             dt = dt * valid[..., None]                                       # padded steps: no decay, no input
         log_decay = -torch.exp(self.A_log.float()) * dt
         xv = self.expand(v).float()
-        y = self.recurrence("decay_scalar", q, self.expand(k), xv * dt[..., None], log_decay, None, cache,
-                            scale=self.head_dim ** -0.5, packed=packed)
-        y = y.float() + self.D_skip.float()[:, None] * xv
+        if self.hedgehog:   # C, B [B,T,H,2F]: positive features, so C·B is a weight
+            c, b, scale = Hedgehog.feature_map(q, self.feature_q), Hedgehog.feature_map(self.expand(k), self.feature_k), 1.0
+        else:
+            c, b, scale = q, self.expand(k), self.head_dim ** -0.5
+        inputs = xv * dt[..., None]
+        if self.opts["normalise"]:   # one more value channel, dt_s itself: the recurrence's total weight
+            inputs = torch.cat([inputs, dt[..., None]], dim=-1)
+        y = self.recurrence("decay_scalar", c, b, inputs, log_decay, None, cache, scale=scale, packed=packed).float()
+        if self.opts["normalise"]:
+            y = y[..., :-1] / y[..., -1:].clamp_min(1e-9)   # total weight ≥ dt·C·B; 0 only before any token
+        y = y + self.D_skip.float()[:, None] * xv
         if self.gate is not None:
             y = self.gate(y, x)
-        return self.norm(y)
+        return y if self.norm is None else self.norm(y)

@@ -24,6 +24,11 @@ class AttentionTransferStage(TrainingStage):
     train_window: Annotated[int, Field(gt=0)] | None = Field(
         None, description="windowed mixers train with this shorter softmax window (older keys go to the recurrent "
                           "state), so that the feature maps learn to carry context; null: the mixer's own window")
+    frozen: list[str] = Field(
+        [], description="mixer parameters held at their values during this stage, by their name inside a mixer "
+                        "(a module's name holds all of its parameters: A_log, dt_proj, conv, gate, D_skip, norm): "
+                        "HedgeMamba aligns the linear attention first and releases decay, conv and gates in a later "
+                        "stage")
     gradient_checkpointing: bool = Field(
         False, description="each layer's loss runs again in the backward pass, one layer at a time: the stage holds "
                            "one layer's activations instead of every layer's (same gradients, ~1/3 more compute)")
@@ -40,8 +45,17 @@ def run(student, section: AttentionTransferStage, rows, held, out_dir, opts):
     summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=opts, eval_rows=held,
                                        trainable=section.trainable, projection_lr=section.projection_lr,
                                        block_weight=section.block_weight, train_window=section.train_window,
-                                       gradient_checkpointing=section.gradient_checkpointing)
+                                       gradient_checkpointing=section.gradient_checkpointing, frozen=section.frozen)
     return student, summary
 
 
-register_stage(Stage("attention_transfer", AttentionTransferStage, run))
+def check(student, section: AttentionTransferStage) -> None:
+    """A ``frozen`` name that matches no mixer parameter fails here, before any stage trains."""
+    from distill.attention_transfer import held_fixed
+    try:
+        held_fixed(student, section.frozen)
+    except ValueError as e:
+        raise ValueError(f"frozen: {e}") from None
+
+
+register_stage(Stage("attention_transfer", AttentionTransferStage, run, check))
