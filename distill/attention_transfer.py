@@ -17,8 +17,10 @@ teacher's block output,
 
     loss_block_i = mean((block_i(h_i) − z_i)²) / mean((z_i − h_i)²)     (relative to the block's own update)
 
-``train_window`` trains windowed mixers with a window shorter than the one they run with (keys in between enter
-the recurrent state), so that the recurrence learns to carry context rather than lean on the window.  MLPs, norms
+``attention_weight`` > 0 adds Hedgehog's / LoLCATs' attention-weight distillation for mixers whose output is a
+normalised average of their values: w × the KL from each teacher softmax row to the mixer's normalised weights
+(``attention_weight_kl``).  ``train_window`` trains windowed mixers with a window shorter than the one they run
+with (keys in between enter the recurrent state), so that the recurrence learns to carry context rather than lean on the window.  MLPs, norms
 and embeddings stay frozen.  Runs on ``accelerate`` (one process, or ``accelerate launch``).
 """
 from __future__ import annotations
@@ -68,13 +70,76 @@ def held_fixed(student, frozen: list[str]) -> set[int]:
     return {id(p) for n, p in mixer_parameters(student) if any(matches(n.split(".", 2)[2], f) for f in frozen)}
 
 
+ATTENTION_WEIGHT_BLOCK = 256   # query rows per block of the attention-weight loss: [B, H, 256, T] at a time
+
+
+def _weights_block_kl(q, k, c, b, u, same_doc, t0, scale):
+    """Σ over the rows t0.. of KL(teacher's softmax row ‖ the mixer's normalised row): q, c [B,n,H,·] the block's
+    rows, k, b [B,S,H,·] and u [B,S,H] (or None) the keys up to its last row, same_doc [B or 1,n,S] -> scalar."""
+    n, S = q.shape[1], k.shape[1]
+    rows = torch.arange(t0, t0 + n, device=q.device)[:, None]
+    visible = (torch.arange(S, device=q.device)[None, :] <= rows)[None] & same_doc           # [B,n,S]
+    visible = visible[:, None]                                                                # [B,1,n,S]
+    hidden = -1e30   # a finite "-inf": a hidden key gets weight 0 on both sides and a finite log, so no 0 · nan
+    teacher = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) * scale
+    log_a = teacher.masked_fill(~visible, hidden).log_softmax(-1)
+    student = torch.einsum("bthf,bshf->bhts", c, b).clamp_min(1e-30).log()
+    if u is not None:
+        student = student + u.transpose(1, 2)[:, :, None, :]
+    log_w = student.masked_fill(~visible, hidden).log_softmax(-1)
+    return (log_a.exp() * (log_a - log_w)).masked_fill(~visible, 0.0).sum()
+
+
+def attention_weight_kl(mixer, x, position_embeddings, packed=None, block: int = ATTENTION_WEIGHT_BLOCK):
+    """Mean over (row, head, query) of KL(softmax row of the teacher's attention ‖ the mixer's normalised weights)
+    (Hedgehog's / LoLCATs' attention-weight distillation), x [B,T,hidden] -> scalar.  Computed ``block`` query rows
+    at a time against the keys they see, each block recomputed in the backward pass, so a 2,048-token row holds
+    [B, H, block, T] scores, not [B, H, T, T]."""
+    factors = mixer.weight_factors(x, position_embeddings, packed)
+    if factors is None:
+        raise ValueError(f"{type(mixer).name} (layer {mixer.layer_idx}) has no normalised attention weights")
+    c, b, u = factors
+    q, k, scale = mixer.teacher_query_key(x, position_embeddings)
+    B, T = x.shape[:2]
+    seq = packed.seq_idx if packed is not None else torch.zeros(1, T, dtype=torch.long, device=x.device)
+    total = x.new_zeros((), dtype=torch.float32)
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        same_doc = seq[:, t0:t1, None] == seq[:, None, :t1]
+        args = (q[:, t0:t1], k[:, :t1], c[:, t0:t1], b[:, :t1], None if u is None else u[:, :t1], same_doc, t0, scale)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_weights_block_kl, *args, use_reentrant=False)
+        else:
+            total = total + _weights_block_kl(*args)
+    return total / (B * T * c.shape[2])
+
+
+def check_attention_weights(student) -> None:
+    """ValueError naming the mixers that have no normalised attention weights (``attention_weight`` needs them)."""
+    lacking = sorted({type(m).name + (" with a window" if getattr(m, "window", None) else "")
+                      for m in mixer_modules(student).values() if not _has_weight_factors(m)})
+    if lacking:
+        raise ValueError(f"the attention-weight loss needs mixers whose output is a normalised average of their "
+                         f"values (hedgehog without a window; mamba2 with feature_map: hedgehog and normalise: true); "
+                         f"this student has {', '.join(lacking)}")
+
+
+def _has_weight_factors(mixer) -> bool:
+    x = torch.zeros(1, 1, mixer.config.hidden_size, device=next(mixer.parameters()).device,
+                    dtype=next(mixer.parameters()).dtype)
+    with torch.no_grad():
+        return mixer.weight_factors(x, None) is not None
+
+
 class AttentionTransferLoss(nn.Module):
     """Wraps the student so that one module's forward computes the loss (what DDP needs to sync gradients)."""
 
-    def __init__(self, student, block_weight: float = 0.0, gradient_checkpointing: bool = False):
+    def __init__(self, student, block_weight: float = 0.0, gradient_checkpointing: bool = False,
+                 attention_weight: float = 0.0):
         super().__init__()
         self.student = student
         self.block_weight = block_weight
+        self.attention_weight = attention_weight
         self.gradient_checkpointing = gradient_checkpointing
 
     def _run(self, loss_of, *inputs):
@@ -86,14 +151,17 @@ class AttentionTransferLoss(nn.Module):
 
     def forward(self, input_ids, position_ids, labels=None):
         """input_ids, position_ids [B, T] (packed rows) -> (mean loss, {"layers": {layer: MSE}})."""
-        loss, per_layer, _, block = self.per_layer(input_ids, position_ids)
+        loss, per_layer, _, block, weights_kl = self.per_layer(input_ids, position_ids)
         extras = {"layers": {str(i): v for i, v in zip(self.student.config.mixer_layers, per_layer.tolist())}}
         if block is not None:
             extras["block"] = block.detach()
+        if weights_kl is not None:
+            extras["attention_weight_kl"] = weights_kl.detach()
         return loss, extras
 
     def per_layer(self, input_ids, position_ids):
-        """-> (loss, per-layer MSE [L], per-layer relative MSE [L] = MSE / mean(y²), mean block loss or None)."""
+        """-> (loss, per-layer MSE [L], per-layer relative MSE [L] = MSE / mean(y²), mean block loss or None, mean
+        attention-weight KL or None)."""
         student = self.student
         mixers = mixer_modules(student)
         capture: dict = {}
@@ -127,20 +195,29 @@ class AttentionTransferLoss(nn.Module):
             update = (z.float() - h.float()).pow(2).mean().clamp_min(1e-12)
             return (z_hat.float() - z.float()).pow(2).mean() / update
 
+        def weights_kl_of(x, mixer):
+            return attention_weight_kl(mixer, x, position_embeddings, packed)
+
+        weight_kls = []
         for i, mixer in mixers.items():
             x, y = capture[i]
             mse = self._run(mixer_mse, x, y, mixer)
             losses.append(mse)
+            if self.attention_weight:
+                weight_kls.append(self._run(weights_kl_of, x, mixer))
             relative.append(mse.detach() / y.float().pow(2).mean().clamp_min(1e-12))
             if self.block_weight:
                 block_losses.append(self._run(block_loss, *blocks[i], student.model.layers[i]))
         losses = torch.stack(losses)
         loss = losses.mean()
-        block = None
+        block = weights_kl = None
         if block_losses:
             block = torch.stack(block_losses).mean()
             loss = loss + self.block_weight * block
-        return loss, losses.detach(), torch.stack(relative), block
+        if weight_kls:
+            weights_kl = torch.stack(weight_kls).mean()
+            loss = loss + self.attention_weight * weights_kl
+        return loss, losses.detach(), torch.stack(relative), block, weights_kl
 
 
 @torch.no_grad()
@@ -153,7 +230,7 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
     total, total_rel, n = None, None, 0
     for lo in range(0, len(rows), batch_size):
         batch = collate_packed([rows[j] for j in range(lo, min(lo + batch_size, len(rows)))])
-        _, mse, rel, _ = loss_fn.per_layer(batch["input_ids"].to(device), batch["position_ids"].to(device))
+        _, mse, rel, _, _ = loss_fn.per_layer(batch["input_ids"].to(device), batch["position_ids"].to(device))
         total = mse if total is None else total + mse
         total_rel = rel if total_rel is None else total_rel + rel
         n += 1
@@ -165,7 +242,8 @@ def layer_errors(student, rows, batch_size: int) -> dict[int, dict[str, float]]:
 def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions, eval_rows=None,
                              trainable: str = "mixers", projection_lr: float | None = None,
                              block_weight: float = 0.0, train_window: int | None = None,
-                             gradient_checkpointing: bool = False, frozen: list[str] = ()) -> dict:
+                             gradient_checkpointing: bool = False, frozen: list[str] = (),
+                             attention_weight: float = 0.0) -> dict:
     """Train every mixer on its layer's attention output over ``rows`` (packed rows, one pass).
 
     ``trainable``: ``mixers`` (their added parameters) or ``attention`` (also the projections inside them, at
@@ -173,7 +251,8 @@ def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions
     ``train_window``: windowed mixers train with this shorter softmax window (``student.mixer_window``), so that
     keys beyond it reach the output only through the feature maps and the recurrent state;
     ``gradient_checkpointing``: each layer's loss is recomputed in the backward pass instead of kept (module docstring);
-    ``frozen``: mixer parameters held fixed in this stage (``held_fixed``).
+    ``frozen``: mixer parameters held fixed in this stage (``held_fixed``); ``attention_weight``: weight of the
+    attention-weight KL (``attention_weight_kl``) added to each layer's output MSE.
     Writes ``log.jsonl``, ``loss.png`` and ``layer_errors.json`` (per layer: MSE and relative MSE on
     ``eval_rows`` before and after) into ``out_dir``; returns the stage summary.
     """
@@ -187,7 +266,9 @@ def train_attention_transfer(student, rows, *, out_dir: Path, opts: TrainOptions
     for p in student.parameters():
         p.requires_grad_(id(p) in keep)
     errors_before = layer_errors(student, eval_rows, opts.batch_size) if eval_rows is not None else None
-    module = AttentionTransferLoss(student, block_weight, gradient_checkpointing)
+    if attention_weight:
+        check_attention_weights(student)
+    module = AttentionTransferLoss(student, block_weight, gradient_checkpointing, attention_weight)
     with student.mixer_window(train_window) if train_window else nullcontext():
         summary = train(module, groups, rows, opts, out_dir, "attention_transfer",
                         progress=window_dropout_schedule(student, opts.window_dropout))

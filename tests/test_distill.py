@@ -62,6 +62,73 @@ def test_frozen_mixer_parameters_stay_and_the_rest_train_and_unknown_names_are_r
         held_fixed(student, ["conv", "decay"])
 
 
+WEIGHTED_MIXERS = [{"type": "hedgehog"},
+                   {"type": "mamba2", "feature_map": "hedgehog", "normalise": True, "norm": False, "gate": False,
+                    "rope": True}]
+
+
+@pytest.mark.parametrize("mixer", WEIGHTED_MIXERS, ids=["hedgehog", "hedgemamba"])
+def test_attention_weight_kl_compares_the_teachers_softmax_rows_with_the_weights_the_mixer_really_uses(mixer):
+    """weight_factors describe the mixer's own output (Σ_s w_ts v_s); the teacher's rows are its eager attention
+    weights; the blockwise KL equals the dense one, within documents of a packed row."""
+    from distill.attention_transfer import attention_weight_kl
+    from convert.student.mixer_registry import PackedSequences
+    student = randomize_mixers(convert(make_teacher("llama"), mixer, [0, 1, 2]), seed=2)
+    layer = student.model.layers[1].self_attn
+    with torch.no_grad():
+        layer.attn.q_proj.weight.mul_(30.0)   # sharper rows than a random tiny teacher's near-uniform ones
+        if hasattr(layer, "D_skip"):
+            layer.D_skip.zero_()   # the skip adds x_t outside the weights
+    T = 14
+    x = torch.randn(2, T, 64, generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([list(range(9)) + list(range(5)), list(range(T))])
+    seq = torch.tensor([[0] * 9 + [1] * 5, [0] * T])
+    packed = PackedSequences(seq)
+    pe = student.model.rotary_emb(x, position_ids=positions)
+    visible = (torch.arange(T)[None, :] <= torch.arange(T)[:, None])[None] & (seq[:, :, None] == seq[:, None, :])
+    with torch.no_grad():
+        c, b, u = layer.weight_factors(x, pe, packed)
+        logits = torch.einsum("bthf,bshf->bhts", c, b).log() + (0 if u is None else u.transpose(1, 2)[:, :, None])
+        w = logits.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+        _, _, v = layer.project(x, pe, None, packed)
+        expected = torch.einsum("bhts,bshd->bthd", w, layer.expand(v).float())
+        torch.testing.assert_close(layer.mix(x, pe, None, None, packed).float(), expected, atol=1e-4, rtol=1e-4)
+
+        attn = layer.teacher_attention_module
+        attn.config._attn_implementation = "eager"
+        mask = torch.zeros(2, 1, T, T).masked_fill(~visible[:, None], float("-inf"))
+        _, a = attn(x, position_embeddings=pe, attention_mask=mask)
+        dense = (a * (a.clamp_min(1e-30).log() - w.clamp_min(1e-30).log())).sum(-1).mean()
+        assert dense > 0.01
+        torch.testing.assert_close(attention_weight_kl(layer, x, pe, packed, block=4), dense, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(attention_weight_kl(layer, x, pe, packed, block=T), dense, atol=1e-5, rtol=1e-4)
+    x.requires_grad_(True)
+    attention_weight_kl(layer, x, pe, packed, block=4).backward()
+    assert layer.feature_q.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_attention_weight_loss_trains_the_feature_maps_towards_the_teachers_rows(tmp_path):
+    from distill.attention_transfer import AttentionTransferLoss, layer_errors
+    from distill.data import collate_packed
+    student = convert(make_teacher("llama"), {"type": "hedgehog"}, [0, 2])
+    batch = collate_packed([rows(12, seed=1)[i] for i in range(4)])
+
+    def weights_kl():
+        with torch.no_grad():
+            return AttentionTransferLoss(student, attention_weight=1.0).per_layer(
+                batch["input_ids"], batch["position_ids"])[4].item()
+
+    before = weights_kl()
+    summary = train_attention_transfer(student, rows(), out_dir=tmp_path, opts=TrainOptions(lr=3e-2, batch_size=4),
+                                       attention_weight=1.0, gradient_checkpointing=True)
+    assert weights_kl() < 0.8 * before
+    assert "attention_weight_kl" in json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    windowed = convert(make_teacher("llama"), {"type": "hedgehog", "window": 4}, [0, 2])
+    with pytest.raises(ValueError, match="this student has hedgehog with a window"):
+        train_attention_transfer(windowed, rows(), out_dir=tmp_path / "w", opts=TrainOptions(lr=3e-2, batch_size=4),
+                                 attention_weight=1.0)
+
+
 def test_layer_errors_measure_each_converted_layer():
     student = convert(make_teacher("llama"), {"type": "gla"}, [1])
     errors = layer_errors(student, rows(6), batch_size=2)

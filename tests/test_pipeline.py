@@ -412,12 +412,17 @@ def test_lora_targets_that_match_nothing_stop_the_run_before_training(tmp_path, 
         in stderr and not (tmp_path / "out" / "stages").exists()
 
 
-def test_frozen_names_that_match_no_mixer_parameter_stop_the_run_before_training(tmp_path, cli):
+def test_frozen_names_and_attention_weights_a_student_cannot_give_stop_the_run_before_training(tmp_path, cli):
     code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
                           "stages.0.frozen=[A_log]")
     assert code == 2 and "Traceback" not in stderr
     assert "tiny.yaml: stages[0].frozen: ['A_log'] name no parameter of this student's mixers; they have" \
         in stderr and not (tmp_path / "out" / "stages").exists()
+    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
+                          "stages.0.attention_weight=1.0")
+    assert code == 2 and "Traceback" not in stderr
+    assert "tiny.yaml: stages[0].attention_weight: the attention-weight loss needs mixers whose output is a " \
+           "normalised average" in stderr and "this student has hedgehog with a window" in stderr
 
 
 def full_logits_perplexity(model, windows):

@@ -518,6 +518,24 @@ def test_attention_transfer_trainable_projections_and_block_alignment(tmp_path):
     assert recipe.stages[0].gradient_checkpointing is True
     msg = error_of(tmp_path, with_({"stages": [{**stage, "gradient_checkpointing": "sometimes"}]}))
     assert "stages.0.gradient_checkpointing" in msg and "boolean" in msg
+    assert recipe.stages[0].attention_weight == 0 and recipe.stages[0].frozen == []
+    recipe, _ = load_recipe(write(tmp_path, with_({"stages": [{**stage, "attention_weight": 0.5,
+                                                               "frozen": ["A_log", "conv"]}]})))
+    assert (recipe.stages[0].attention_weight, recipe.stages[0].frozen) == (0.5, ["A_log", "conv"])
+    msg = error_of(tmp_path, with_({"stages": [{**stage, "attention_weight": -1}]}))
+    assert "stages.0.attention_weight" in msg and "greater than or equal to 0" in msg
+    msg = error_of(tmp_path, with_({"stages": [{**stage, "frozen": "A_log"}]}))
+    assert "stages.0.frozen" in msg and "list" in msg
+
+
+def test_mamba2_feature_map_options_are_checked_together(tmp_path):
+    for mixer, message in [({"type": "mamba2", "normalise": True}, "normalise needs feature_map: hedgehog"),
+                           ({"type": "mamba2", "feature_dim": 32}, "feature_dim needs feature_map: hedgehog"),
+                           ({"type": "mamba2", "feature_map": "favor"}, "convert.mixer.feature_map")]:
+        assert message in error_of(tmp_path, with_({"convert.mixer": mixer}))
+    recipe, _ = load_recipe(write(tmp_path, with_({"convert.mixer": {"type": "mamba2", "feature_map": "hedgehog",
+                                                                      "normalise": True, "norm": False}})))
+    assert recipe.convert.mixer.feature_map == "hedgehog"
 
 
 def test_budget_curve_needs_an_attention_transfer_stage_to_start_from(tmp_path):

@@ -106,6 +106,13 @@ class Hedgehog(RingDecoding, Mixer):
                 out = torch.where(dropped, self._linear(phi_q, k, v1, None, packed).to(out.dtype), out)
         return out
 
+    def weight_factors(self, x, position_embeddings, packed=None):
+        """Windowless: c, b = φ(q), φ(k) [B,T,H,2F] and no u (w_ts ∝ φ(q_t)·φ(k_s)); None with a window."""
+        if self.window:
+            return None
+        q, k, _ = self.project(x, position_embeddings)
+        return self.feature_map(q, self.feature_q), self.feature_map(self.expand(k), self.feature_k), None
+
     def _linear(self, phi_q, k, v1, cache, packed):
         """Linear attention over every key: φ(q) [B,T,H,2F], k [B,T,Hkv,D], v1 [B,T,Hkv,Dv+1] -> [B,T,H,Dv]."""
         phi_k = self.feature_map(self.expand(k), self.feature_k)

@@ -93,6 +93,17 @@ class Mamba2(Mixer):
             if part is not None:
                 part.reset_parameters()
 
+    def weight_factors(self, x, position_embeddings, packed=None):
+        """With feature_map: hedgehog and normalise: c, b = φ(C), φ(B) [B,T,H,2F] and u_s = log dt_s − Σ_{r≤s} log a_r,
+        so that w_ts ∝ (c_t·b_s) dt_s Π_{s<r≤t} a_r (the factor of t cancels in the normalisation); else None."""
+        if not (self.hedgehog and self.opts["normalise"]):
+            return None
+        q, k, _ = self.project(x, position_embeddings, None, packed)
+        dt = F.softplus(self.dt_proj(x).float())
+        log_decay = -torch.exp(self.A_log.float()) * dt
+        u = torch.log(dt.clamp_min(1e-30)) - log_decay.cumsum(1)
+        return Hedgehog.feature_map(q, self.feature_q), Hedgehog.feature_map(self.expand(k), self.feature_k), u
+
     def mix(self, x, position_embeddings, valid, cache, packed=None):
         if not self.hedgehog and self.norm is not None:   # the C step: identity feature map, output norm
             fused = self.fused_decode(x, position_embeddings, valid, cache, mode="decay",

@@ -372,7 +372,22 @@ class Mixer(nn.Module):
         """The attention this mixer replaced: the frozen copy if one was kept, else ``self.attn``."""
         return self.__dict__.get("teacher_attn", self.attn)
 
+    def teacher_query_key(self, x, position_embeddings):
+        """x [B,T,hidden] -> (q [B,T,H,D], k [B,T,H,D], scale): the replaced attention's queries and keys after its
+        RoPE, GQA groups expanded, and its score scale; its weights are softmax_s(scale · q_t·k_s) over s ≤ t."""
+        attn = self.teacher_attention_module
+        q, k, _ = self.arch.project_qkv(attn, x, self.config)
+        if position_embeddings is not None:
+            q, k = self.arch.apply_rope(attn, q, k, *position_embeddings)
+        return q, self.expand(k), getattr(attn, "scaling", self.head_dim ** -0.5)
+
     # -- interface -----------------------------------------------------------------------------
+    def weight_factors(self, x, position_embeddings, packed=None):
+        """For a mixer whose output is a normalised average of its values, Σ_s w_ts v_s with w_ts ≥ 0 (attention-
+        weight distillation): x [B,T,hidden] -> (c [B,T,H,F], b [B,T,H,F], u [B,T,H] or None) with
+        w_ts ∝ (c_t·b_s) exp(u_s) over s ≤ t in t's document.  None: this mixer's output is not such an average."""
+        return None
+
     def reset_rnnify_parameters(self):
         """(Re)initialise the parameters this mixer adds to the teacher's attention."""
         raise NotImplementedError

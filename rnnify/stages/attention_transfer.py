@@ -24,6 +24,10 @@ class AttentionTransferStage(TrainingStage):
     train_window: Annotated[int, Field(gt=0)] | None = Field(
         None, description="windowed mixers train with this shorter softmax window (older keys go to the recurrent "
                           "state), so that the feature maps learn to carry context; null: the mixer's own window")
+    attention_weight: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="weight of the attention-weight loss: KL from each teacher softmax row to the mixer's "
+                         "normalised weights (Hedgehog / LoLCATs; hedgehog without a window, mamba2 with "
+                         "feature_map: hedgehog and normalise); 0: off")
     frozen: list[str] = Field(
         [], description="mixer parameters held at their values during this stage, by their name inside a mixer "
                         "(a module's name holds all of its parameters: A_log, dt_proj, conv, gate, D_skip, norm): "
@@ -45,17 +49,24 @@ def run(student, section: AttentionTransferStage, rows, held, out_dir, opts):
     summary = train_attention_transfer(student, rows, out_dir=out_dir, opts=opts, eval_rows=held,
                                        trainable=section.trainable, projection_lr=section.projection_lr,
                                        block_weight=section.block_weight, train_window=section.train_window,
-                                       gradient_checkpointing=section.gradient_checkpointing, frozen=section.frozen)
+                                       gradient_checkpointing=section.gradient_checkpointing, frozen=section.frozen,
+                                       attention_weight=section.attention_weight)
     return student, summary
 
 
 def check(student, section: AttentionTransferStage) -> None:
-    """A ``frozen`` name that matches no mixer parameter fails here, before any stage trains."""
-    from distill.attention_transfer import held_fixed
+    """A ``frozen`` name that matches no mixer parameter, or an ``attention_weight`` for mixers without normalised
+    weights, fails here, before any stage trains."""
+    from distill.attention_transfer import check_attention_weights, held_fixed
     try:
         held_fixed(student, section.frozen)
     except ValueError as e:
         raise ValueError(f"frozen: {e}") from None
+    if section.attention_weight:
+        try:
+            check_attention_weights(student)
+        except ValueError as e:
+            raise ValueError(f"attention_weight: {e}") from None
 
 
 register_stage(Stage("attention_transfer", AttentionTransferStage, run, check))
