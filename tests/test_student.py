@@ -224,7 +224,9 @@ def test_packed_rows_equal_separate_documents(arch, mixer):
     assert (unpacked - alone).abs().max().item() > 1e-3    # without the boundaries, documents do leak
 
 
-@pytest.mark.parametrize("mixer", MIXERS, ids=lambda m: "-".join(str(v) for v in m.values()))
+# Mamba2 with Hedgehog features runs the same op at the same shapes as windowless Hedgehog (2F keys, D + 1 values)
+@pytest.mark.parametrize("mixer", [m for m in MIXERS if m.get("feature_map") != "hedgehog"],
+                         ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_student_on_triton_kernels_matches_torch_kernels(mixer, monkeypatch):
     """The mixers run on the Triton kernels (interpreted on CPU here): same logits, training gradients and decode."""
     student = randomize_mixers(convert(make_teacher("llama"), mixer, [0, 2]))
