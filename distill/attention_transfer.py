@@ -20,8 +20,8 @@ teacher's block output,
 ``attention_weight`` > 0 adds Hedgehog's / LoLCATs' attention-weight distillation for mixers whose output is a
 normalised average of their values: w × the KL from each teacher softmax row to the mixer's normalised weights
 (``attention_weight_kl``).  ``train_window`` trains windowed mixers with a window shorter than the one they run
-with (keys in between enter the recurrent state), so that the recurrence learns to carry context rather than lean on the window.  MLPs, norms
-and embeddings stay frozen.  Runs on ``accelerate`` (one process, or ``accelerate launch``).
+with (keys in between enter the recurrent state), so that the recurrence learns to carry context rather than lean
+on the window.  ``frozen`` holds named mixer parameters for the stage.  MLPs, norms and embeddings stay frozen.  Runs on ``accelerate`` (one process, or ``accelerate launch``).
 """
 from __future__ import annotations
 

@@ -93,16 +93,23 @@ class Mamba2(Mixer):
             if part is not None:
                 part.reset_parameters()
 
+    def features(self, q, k):
+        """q [B,T,H,D], k [B,T,Hkv,D] -> (C, B, scale): Hedgehog's φ(q), φ(k) [B,T,H,2F] (positive, so C·B is a
+        weight) and no 1/√D, or q and k themselves and 1/√D."""
+        if self.hedgehog:
+            return Hedgehog.feature_map(q, self.feature_q), Hedgehog.feature_map(self.expand(k), self.feature_k), 1.0
+        return q, self.expand(k), self.head_dim ** -0.5
+
     def weight_factors(self, x, position_embeddings, packed=None):
-        """With feature_map: hedgehog and normalise: c, b = φ(C), φ(B) [B,T,H,2F] and u_s = log dt_s − Σ_{r≤s} log a_r,
+        """With feature_map: hedgehog and normalise: c, b = C, B [B,T,H,2F] and u_s = log dt_s − Σ_{r≤s} log a_r,
         so that w_ts ∝ (c_t·b_s) dt_s Π_{s<r≤t} a_r (the factor of t cancels in the normalisation); else None."""
         if not (self.hedgehog and self.opts["normalise"]):
             return None
         q, k, _ = self.project(x, position_embeddings, None, packed)
         dt = F.softplus(self.dt_proj(x).float())
         log_decay = -torch.exp(self.A_log.float()) * dt
-        u = torch.log(dt.clamp_min(1e-30)) - log_decay.cumsum(1)
-        return Hedgehog.feature_map(q, self.feature_q), Hedgehog.feature_map(self.expand(k), self.feature_k), u
+        c, b, _ = self.features(q, k)
+        return c, b, torch.log(dt.clamp_min(1e-30)) - log_decay.cumsum(1)
 
     def mix(self, x, position_embeddings, valid, cache, packed=None):
         if not self.hedgehog and self.norm is not None:   # the C step: identity feature map, output norm
@@ -116,10 +123,7 @@ class Mamba2(Mixer):
             dt = dt * valid[..., None]                                       # padded steps: no decay, no input
         log_decay = -torch.exp(self.A_log.float()) * dt
         xv = self.expand(v).float()
-        if self.hedgehog:   # C, B [B,T,H,2F]: positive features, so C·B is a weight
-            c, b, scale = Hedgehog.feature_map(q, self.feature_q), Hedgehog.feature_map(self.expand(k), self.feature_k), 1.0
-        else:
-            c, b, scale = q, self.expand(k), self.head_dim ** -0.5
+        c, b, scale = self.features(q, k)
         inputs = xv * dt[..., None]
         if self.opts["normalise"]:   # one more value channel, dt_s itself: the recurrence's total weight
             inputs = torch.cat([inputs, dt[..., None]], dim=-1)
