@@ -404,25 +404,19 @@ def test_budget_curve_ranks_layers_two_ways_and_reports_quality_against_attentio
     assert "## Quality vs attention kept" in text and (out / "budget_curve.png").stat().st_size > 1000
 
 
-def test_lora_targets_that_match_nothing_stop_the_run_before_training(tmp_path, cli):
-    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
-                          "stages.1.lora.target_modules=[qkv_proj]")
+@pytest.mark.parametrize("override, message", [
+    ("stages.1.lora.target_modules=[qkv_proj]",
+     "tiny.yaml: stages[1].lora.target_modules: lora.target_modules ['qkv_proj'] match no Linear layer"),
+    ("stages.0.frozen=[A_log]",
+     "tiny.yaml: stages[0].frozen: ['A_log'] name no parameter of this student's mixers; they have"),
+    ("stages.0.attention_weight=1.0",
+     "tiny.yaml: stages[0].attention_weight: the attention-weight loss needs mixers whose output is a normalised "
+     "average of their values (hedgehog without a window; mamba2 with feature_map: hedgehog and normalise: true); "
+     "this student has hedgehog with a window")], ids=["lora-targets", "frozen", "attention-weight"])
+def test_stage_settings_the_student_cannot_honour_stop_the_run_before_training(tmp_path, cli, override, message):
+    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}", override)
     assert code == 2 and "Traceback" not in stderr
-    assert "tiny.yaml: stages[1].lora.target_modules: lora.target_modules ['qkv_proj'] match no Linear layer" \
-        in stderr and not (tmp_path / "out" / "stages").exists()
-
-
-def test_frozen_names_and_attention_weights_a_student_cannot_give_stop_the_run_before_training(tmp_path, cli):
-    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
-                          "stages.0.frozen=[A_log]")
-    assert code == 2 and "Traceback" not in stderr
-    assert "tiny.yaml: stages[0].frozen: ['A_log'] name no parameter of this student's mixers; they have" \
-        in stderr and not (tmp_path / "out" / "stages").exists()
-    code, _, stderr = cli("run", REPO / "tests/recipes/tiny.yaml", f"output_dir={tmp_path / 'out'}",
-                          "stages.0.attention_weight=1.0")
-    assert code == 2 and "Traceback" not in stderr
-    assert "tiny.yaml: stages[0].attention_weight: the attention-weight loss needs mixers whose output is a " \
-           "normalised average" in stderr and "this student has hedgehog with a window" in stderr
+    assert message in stderr and not (tmp_path / "out" / "stages").exists()
 
 
 def full_logits_perplexity(model, windows):
