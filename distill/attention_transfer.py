@@ -21,7 +21,8 @@ teacher's block output,
 normalised average of their values: w × the KL from each teacher softmax row to the mixer's normalised weights
 (``attention_weight_kl``).  ``train_window`` trains windowed mixers with a window shorter than the one they run
 with (keys in between enter the recurrent state), so that the recurrence learns to carry context rather than lean
-on the window.  ``frozen`` holds named mixer parameters for the stage.  MLPs, norms and embeddings stay frozen.  Runs on ``accelerate`` (one process, or ``accelerate launch``).
+on the window.  ``frozen`` holds named mixer parameters for the stage.  MLPs, norms and embeddings stay frozen.
+Runs on ``accelerate`` (one process, or ``accelerate launch``).
 """
 from __future__ import annotations
 
@@ -58,16 +59,16 @@ def held_fixed(student, frozen: list[str]) -> set[int]:
     of its parameters: ``conv`` holds ``conv.weight``); ValueError naming the names that match nothing."""
     if not frozen:
         return set()
-    names = {n.split(".", 2)[2] for n, _ in mixer_parameters(student)}   # "layers.3.conv.weight" -> "conv.weight"
+    named = [(n.split(".", 2)[2], p) for n, p in mixer_parameters(student)]   # "layers.3.conv.weight" -> "conv.weight"
 
     def matches(name, pattern):
         return name == pattern or name.startswith(pattern + ".")
 
-    unknown = [f for f in frozen if not any(matches(n, f) for n in names)]
+    unknown = [f for f in frozen if not any(matches(n, f) for n, _ in named)]
     if unknown:
-        roots = sorted({n.split(".")[0] for n in names})
+        roots = sorted({n.split(".")[0] for n, _ in named})
         raise ValueError(f"{unknown} name no parameter of this student's mixers; they have {roots}")
-    return {id(p) for n, p in mixer_parameters(student) if any(matches(n.split(".", 2)[2], f) for f in frozen)}
+    return {id(p) for n, p in named if any(matches(n, f) for f in frozen)}
 
 
 ATTENTION_WEIGHT_BLOCK = 256   # query rows per block of the attention-weight loss: [B, H, 256, T] at a time
@@ -95,10 +96,7 @@ def attention_weight_kl(mixer, x, position_embeddings, packed=None, block: int =
     (Hedgehog's / LoLCATs' attention-weight distillation), x [B,T,hidden] -> scalar.  Computed ``block`` query rows
     at a time against the keys they see, each block recomputed in the backward pass, so a 2,048-token row holds
     [B, H, block, T] scores, not [B, H, T, T]."""
-    factors = mixer.weight_factors(x, position_embeddings, packed)
-    if factors is None:
-        raise ValueError(f"{type(mixer).name} (layer {mixer.layer_idx}) has no normalised attention weights")
-    c, b, u = factors
+    c, b, u = mixer.weight_factors(x, position_embeddings, packed)
     q, k, scale = mixer.teacher_query_key(x, position_embeddings)
     B, T = x.shape[:2]
     seq = packed.seq_idx if packed is not None else torch.zeros(1, T, dtype=torch.long, device=x.device)
@@ -117,18 +115,11 @@ def attention_weight_kl(mixer, x, position_embeddings, packed=None, block: int =
 def check_attention_weights(student) -> None:
     """ValueError naming the mixers that have no normalised attention weights (``attention_weight`` needs them)."""
     lacking = sorted({type(m).name + (" with a window" if getattr(m, "window", None) else "")
-                      for m in mixer_modules(student).values() if not _has_weight_factors(m)})
+                      for m in mixer_modules(student).values() if not m.normalised_weights})
     if lacking:
         raise ValueError(f"the attention-weight loss needs mixers whose output is a normalised average of their "
                          f"values (hedgehog without a window; mamba2 with feature_map: hedgehog and normalise: true); "
                          f"this student has {', '.join(lacking)}")
-
-
-def _has_weight_factors(mixer) -> bool:
-    x = torch.zeros(1, 1, mixer.config.hidden_size, device=next(mixer.parameters()).device,
-                    dtype=next(mixer.parameters()).dtype)
-    with torch.no_grad():
-        return mixer.weight_factors(x, None) is not None
 
 
 class AttentionTransferLoss(nn.Module):

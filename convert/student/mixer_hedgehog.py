@@ -106,10 +106,14 @@ class Hedgehog(RingDecoding, Mixer):
                 out = torch.where(dropped, self._linear(phi_q, k, v1, None, packed).to(out.dtype), out)
         return out
 
+    @property
+    def normalised_weights(self) -> bool:
+        return not self.window   # with a window, softmax and φ weights share one normaliser (not built here)
+
     def weight_factors(self, x, position_embeddings, packed=None):
-        """Windowless: c, b = φ(q), φ(k) [B,T,H,2F] and no u (w_ts ∝ φ(q_t)·φ(k_s)); None with a window."""
-        if self.window:
-            return None
+        """Windowless: c, b = φ(q), φ(k) [B,T,H,2F] and no u (w_ts ∝ φ(q_t)·φ(k_s))."""
+        if not self.normalised_weights:
+            return super().weight_factors(x, position_embeddings, packed)
         q, k, _ = self.project(x, position_embeddings)
         return self.feature_map(q, self.feature_q), self.feature_map(self.expand(k), self.feature_k), None
 

@@ -100,14 +100,25 @@ class Mamba2(Mixer):
             return Hedgehog.feature_map(q, self.feature_q), Hedgehog.feature_map(self.expand(k), self.feature_k), 1.0
         return q, self.expand(k), self.head_dim ** -0.5
 
+    def step_sizes(self, x, valid=None):
+        """x [B,T,hidden] -> (dt, log a) [B,T,H]: dt = softplus(w_dt·h + b_dt), log a = −exp(A_log)·dt; padded steps
+        (``valid`` 0) get dt = 0: no decay, no input."""
+        dt = F.softplus(self.dt_proj(x).float())
+        if valid is not None:
+            dt = dt * valid[..., None]
+        return dt, -torch.exp(self.A_log.float()) * dt
+
+    @property
+    def normalised_weights(self) -> bool:
+        return self.hedgehog and self.opts["normalise"]
+
     def weight_factors(self, x, position_embeddings, packed=None):
         """With feature_map: hedgehog and normalise: c, b = C, B [B,T,H,2F] and u_s = log dt_s − Σ_{r≤s} log a_r,
-        so that w_ts ∝ (c_t·b_s) dt_s Π_{s<r≤t} a_r (the factor of t cancels in the normalisation); else None."""
-        if not (self.hedgehog and self.opts["normalise"]):
-            return None
+        so that w_ts ∝ (c_t·b_s) dt_s Π_{s<r≤t} a_r (the factor of t cancels in the normalisation)."""
+        if not self.normalised_weights:
+            return super().weight_factors(x, position_embeddings, packed)
         q, k, _ = self.project(x, position_embeddings, None, packed)
-        dt = F.softplus(self.dt_proj(x).float())
-        log_decay = -torch.exp(self.A_log.float()) * dt
+        dt, log_decay = self.step_sizes(x)
         c, b, _ = self.features(q, k)
         return c, b, torch.log(dt.clamp_min(1e-30)) - log_decay.cumsum(1)
 
@@ -118,10 +129,7 @@ class Mamba2(Mixer):
             if fused is not None:
                 return fused
         q, k, v = self.project(x, position_embeddings, cache, packed, valid)
-        dt = F.softplus(self.dt_proj(x).float())                           # [B,T,H]
-        if valid is not None:
-            dt = dt * valid[..., None]                                       # padded steps: no decay, no input
-        log_decay = -torch.exp(self.A_log.float()) * dt
+        dt, log_decay = self.step_sizes(x, valid)
         xv = self.expand(v).float()
         c, b, scale = self.features(q, k)
         inputs = xv * dt[..., None]

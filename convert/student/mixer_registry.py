@@ -382,11 +382,16 @@ class Mixer(nn.Module):
         return q, self.expand(k), getattr(attn, "scaling", self.head_dim ** -0.5)
 
     # -- interface -----------------------------------------------------------------------------
+    @property
+    def normalised_weights(self) -> bool:
+        """Whether this mixer's output is a normalised average of its values, Σ_s w_ts v_s with w_ts ≥ 0 and
+        Σ_s w_ts = 1 (what attention-weight distillation compares with the teacher's softmax rows)."""
+        return False
+
     def weight_factors(self, x, position_embeddings, packed=None):
-        """For a mixer whose output is a normalised average of its values, Σ_s w_ts v_s with w_ts ≥ 0 (attention-
-        weight distillation): x [B,T,hidden] -> (c [B,T,H,F], b [B,T,H,F], u [B,T,H] or None) with
-        w_ts ∝ (c_t·b_s) exp(u_s) over s ≤ t in t's document.  None: this mixer's output is not such an average."""
-        return None
+        """With ``normalised_weights``: x [B,T,hidden] -> (c [B,T,H,F], b [B,T,H,F], u [B,T,H] or None) with
+        w_ts ∝ (c_t·b_s) exp(u_s) over s ≤ t in t's document."""
+        raise NotImplementedError(f"{self.name}: its output is not a normalised average of its values")
 
     def reset_rnnify_parameters(self):
         """(Re)initialise the parameters this mixer adds to the teacher's attention."""
